@@ -1,0 +1,1 @@
+"""Benchmarks run from notebooks/benchmark_*.ipynb and the command line."""
