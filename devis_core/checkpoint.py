@@ -1,0 +1,218 @@
+"""Read and write model checkpoints; convert official ones (Deformable DETR, mask head, torchvision ResNet).
+
+Our parameter names are the official ones, so DeVIS-repository checkpoints load as they are. The foreign
+layouts are converted by the rules of ``KEY_MAP`` (the one mapping table). Every load is strict: a
+mismatch raises ``CheckpointMismatchError`` listing missing, unexpected and wrong-shape keys.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+# source layout -> list of (prefix in the file, prefix in our model); keys matching a drop prefix vanish.
+KEY_MAP: dict[str, dict[str, tuple]] = {
+    # torchvision ImageNet ResNet (resnet50-*.pth): the classifier is not part of the detector.
+    "torchvision_resnet": {"rename": (("", "backbone.0.body."),), "drop": ("fc.",)},
+    # A detector checkpoint (official Deformable DETR or ours) loaded into the mask-head model: the
+    # detector lives under ``def_detr.``; the mask head keeps its fresh initialisation (official
+    # ``adapt_weights_mask_head``).
+    "detector_into_segm": {"rename": (("", "def_detr."),), "drop": ()},
+}
+MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
+# BatchNorm counters: meaningless for frozen batch norm (the official FrozenBatchNorm2d deletes them too).
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """State-dict keys that do not fit the model: missing, unexpected, or with the wrong shape."""
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str],
+                 wrong_shape: list[tuple[str, tuple, tuple]]):
+        self.source, self.missing, self.unexpected, self.wrong_shape = source, missing, unexpected, wrong_shape
+
+        def show(items, n=20):
+            items = list(items)
+            more = f" ... and {len(items) - n} more" if len(items) > n else ""
+            return ", ".join(str(i) for i in items[:n]) + more
+
+        parts = [f"{source}: the state dict does not fit the model"]
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} key(s) with the wrong shape (key: file shape vs model shape): "
+                         + show(f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in wrong_shape))
+        super().__init__("\n  ".join(parts))
+
+
+def apply_key_map(state_dict: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:
+    """Rename (and drop) keys of a ``layout`` listed in ``KEY_MAP``. Returns a new dict."""
+    if layout not in KEY_MAP:
+        raise KeyError(f"apply_key_map: unknown layout {layout!r}; known: {sorted(KEY_MAP)}")
+    rule = KEY_MAP[layout]
+    out = {}
+    for k, v in state_dict.items():
+        if rule["drop"] and k.startswith(rule["drop"]):
+            continue
+        for src, dst in rule["rename"]:
+            if k.startswith(src):
+                k = dst + k[len(src):]
+                break
+        out[k] = v
+    return out
+
+
+def shift_class_neurons(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Official Deformable DETR COCO heads index classes by category id (row 0 unused); ours by id - 1.
+
+    Every ``class_embed`` tensor (K, ...) becomes new[k] = old[k + 1] for k < K - 1 and new[K - 1] = old[0].
+    """
+    return {k: (torch.cat([v[1:], v[:1]], 0) if "class_embed" in k else v) for k, v in state_dict.items()}
+
+
+def read_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict:
+    """Load a checkpoint file (zip or legacy serialisation) on the CPU.
+
+    Safe loading (tensors, containers, argparse.Namespace) is tried first. Official DeVIS checkpoints also
+    pickle a yacs CfgNode, which only a full unpickle can restore: that needs ``trusted=True`` (it can run
+    code from the file). Returns the loaded object (a dict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised below or retried as the caller allowed
+        if not trusted:
+            raise CheckpointError(
+                f"{path}: cannot be loaded with weights_only=True ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}). Official checkpoints pickle their config; load them with "
+                "trusted=True only if you trust the file's source") from err
+        warnings.warn(f"{path}: loading with full unpickling (trusted source)", stacklevel=2)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict (a state dict or {{'model': ...}}), got {type(obj).__name__}")
+    return obj
+
+
+def extract_state_dict(obj: Mapping, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The state dict inside a checkpoint: ``obj['model']`` (official and ours), ``obj['state_dict']``, or
+    ``obj`` itself when it maps names to tensors. ``num_batches_tracked`` entries are dropped."""
+    for key in ("model", "state_dict"):
+        if key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: expected a state dict (name -> tensor) under 'model', found non-tensor "
+                              f"entries {bad[:5]}")
+    return {k: v for k, v in obj.items() if not k.endswith(IGNORED_SUFFIXES)}
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Raise ``CheckpointMismatchError`` unless ``state_dict`` has exactly the model's keys and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointMismatchError(source, missing, unexpected, wrong)
+
+
+def _is_segmentation(model: nn.Module) -> bool:
+    return hasattr(model, "def_detr") and hasattr(model, "mask_head")
+
+
+def convert_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], shift_class_neuron: bool = False,
+                       source: str = "checkpoint") -> dict[str, Tensor]:
+    """Bring an official or own state dict to the model's keys.
+
+    A detector state dict (no ``def_detr.`` keys) given to the mask-head model is moved under ``def_detr.``
+    and the mask head keeps the model's current weights; ``shift_class_neuron`` applies
+    ``shift_class_neurons`` (MODEL.SHIFT_CLASS_NEURON, for the original Deformable DETR COCO weights).
+    """
+    sd = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if shift_class_neuron:
+        sd = shift_class_neurons(sd)
+    if _is_segmentation(model) and not any(k.startswith("def_detr.") for k in sd):
+        if any(k.startswith(MASK_HEAD_PREFIXES) for k in sd):
+            raise CheckpointError(f"{source}: has mask-head keys but no 'def_detr.' detector keys")
+        sd = apply_key_map(sd, "detector_into_segm")
+        own = model.state_dict()
+        sd.update({k: v for k, v in own.items() if k.startswith(MASK_HEAD_PREFIXES)})
+    return sd
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike, shift_class_neuron: bool = False,
+                       trusted: bool = False) -> dict:
+    """Load MODEL.WEIGHTS-style checkpoint ``path`` into ``model`` strictly (after ``convert_state_dict``).
+    Returns the whole checkpoint dict (optimizer state etc. for resuming)."""
+    obj = read_checkpoint(path, trusted=trusted)
+    sd = convert_state_dict(model, extract_state_dict(obj, str(path)), shift_class_neuron, str(path))
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd, strict=True)
+    return obj
+
+
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load torchvision ImageNet ResNet weights (a local state-dict file, MODEL.BACKBONE_WEIGHTS) into the
+    model's backbone; ``fc.*`` is dropped and every ResNet key must fit."""
+    detr = model.def_detr if _is_segmentation(model) else model
+    body = detr.backbone[0]
+    sd = apply_key_map(extract_state_dict(read_checkpoint(path), str(path)), "torchvision_resnet")
+    sd = {k[len("backbone.0."):]: v for k, v in sd.items()}
+    check_state_dict(body, sd, f"{path} (MODEL.BACKBONE_WEIGHTS)")
+    body.load_state_dict(sd, strict=True)
+
+
+def load_initial_weights(model: nn.Module, cfg) -> None:
+    """MODEL.BACKBONE_WEIGHTS (ImageNet ResNet), then MODEL.WEIGHTS (with MODEL.SHIFT_CLASS_NEURON).
+    Files the config names are treated as trusted (official checkpoints pickle their config)."""
+    if cfg.MODEL.BACKBONE_WEIGHTS:
+        load_backbone_weights(model, cfg.MODEL.BACKBONE_WEIGHTS)
+    if cfg.MODEL.WEIGHTS:
+        if str(cfg.MODEL.WEIGHTS).startswith(("http://", "https://")):
+            raise CheckpointError(f"MODEL.WEIGHTS is a URL ({cfg.MODEL.WEIGHTS}); nothing is downloaded at run "
+                                  "time: download the file and set MODEL.WEIGHTS to its local path")
+        load_model_weights(model, cfg.MODEL.WEIGHTS, cfg.MODEL.SHIFT_CLASS_NEURON, trusted=True)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, lr_scheduler=None,
+                    epoch: int | None = None, cfg=None, legacy_format: bool = False, **extra) -> Path:
+    """Write {'model', 'optimizer', 'lr_scheduler', 'epoch', 'cfg' (YAML text), **extra} atomically
+    (temporary file in the same folder, then rename). ``legacy_format`` uses the pre-1.6 serializer of the
+    official checkpoints. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {"model": model.state_dict(), "epoch": epoch}
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+    if lr_scheduler is not None:
+        obj["lr_scheduler"] = lr_scheduler.state_dict()
+    if cfg is not None:
+        obj["cfg"] = cfg.dump()  # text, so the file loads with weights_only=True
+    obj.update(extra)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy_format)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
