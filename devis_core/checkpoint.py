@@ -7,6 +7,8 @@ mismatch raises ``CheckpointMismatchError`` listing missing, unexpected and wron
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import tempfile
 import warnings
@@ -25,6 +27,18 @@ KEY_MAP: dict[str, dict[str, tuple]] = {
     # ``adapt_weights_mask_head``).
     "detector_into_segm": {"rename": (("", "def_detr."),), "drop": ()},
 }
+# Deformable Mask Head -> DeVIS (spec §3.6, §6.1), see ``devis_transfer_state_dict``: every key is copied
+# as it is except these, which are re-initialised (kept from the freshly built model) or, when the
+# named SOLVER.DEVIS flag is True, derived from the image weights.
+DEVIS_TRANSFER_RULES: tuple[tuple[str, str | None], ...] = (
+    # (key substring, SOLVER.DEVIS flag that turns re-initialisation into a transfer)
+    ("backbone.1.temporal_embed", None),
+    ("query_embed.", "FINETUNE_QUERY_EMBEDDINGS"),
+    ("class_embed.", "FINETUNE_CLASS_LOGITS"),
+    ("temporal_sampling_offsets.", "FINETUNE_TEMPORAL_MODULES"),
+    ("temporal_attention_weights.", "FINETUNE_TEMPORAL_MODULES"),
+)
+log = logging.getLogger(__name__)
 MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
 # BatchNorm counters: meaningless for frozen batch norm (the official FrozenBatchNorm2d deletes them too).
 IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -137,6 +151,10 @@ def _is_segmentation(model: nn.Module) -> bool:
     return hasattr(model, "def_detr") and hasattr(model, "mask_head")
 
 
+def _is_video(model: nn.Module) -> bool:
+    return _is_segmentation(model) and getattr(model.def_detr.transformer, "num_frames", 0) > 0
+
+
 def convert_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], shift_class_neuron: bool = False,
                        source: str = "checkpoint") -> dict[str, Tensor]:
     """Bring an official or own state dict to the model's keys.
@@ -180,7 +198,8 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_initial_weights(model: nn.Module, cfg) -> None:
-    """MODEL.BACKBONE_WEIGHTS (ImageNet ResNet), then MODEL.WEIGHTS (with MODEL.SHIFT_CLASS_NEURON).
+    """MODEL.BACKBONE_WEIGHTS (ImageNet ResNet), then MODEL.WEIGHTS (with MODEL.SHIFT_CLASS_NEURON); a DeVIS
+    model given an image (mask-head) checkpoint is initialised by ``load_devis_from_mask_head``.
     Files the config names are treated as trusted (official checkpoints pickle their config)."""
     if cfg.MODEL.BACKBONE_WEIGHTS:
         load_backbone_weights(model, cfg.MODEL.BACKBONE_WEIGHTS)
@@ -188,7 +207,154 @@ def load_initial_weights(model: nn.Module, cfg) -> None:
         if str(cfg.MODEL.WEIGHTS).startswith(("http://", "https://")):
             raise CheckpointError(f"MODEL.WEIGHTS is a URL ({cfg.MODEL.WEIGHTS}); nothing is downloaded at run "
                                   "time: download the file and set MODEL.WEIGHTS to its local path")
+        if _is_video(model):
+            sd = extract_state_dict(read_checkpoint(cfg.MODEL.WEIGHTS, trusted=True), str(cfg.MODEL.WEIGHTS))
+            if not any(k.endswith("backbone.1.temporal_embed") for k in sd):
+                # An image (mask-head) checkpoint: the DeVIS initialisation of spec §6.1 stage 3.
+                load_devis_from_mask_head(model, cfg.MODEL.WEIGHTS, cfg, trusted=True)
+                return
         load_model_weights(model, cfg.MODEL.WEIGHTS, cfg.MODEL.SHIFT_CLASS_NEURON, trusted=True)
+
+
+@dataclasses.dataclass
+class TransferReport:
+    """What ``devis_transfer_state_dict`` did with each key: ``copied`` (same name and shape),
+    ``derived`` (built from other image weights: temporal Linears, reused queries / class rows),
+    ``reinitialised`` (kept from the freshly built model) and ``ignored`` (image keys left unused)."""
+
+    copied: list[str] = dataclasses.field(default_factory=list)
+    derived: dict[str, str] = dataclasses.field(default_factory=dict)
+    reinitialised: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        """A multi-line human-readable account (the log message)."""
+        lines = [f"DeVIS transfer: {len(self.copied)} copied, {len(self.derived)} derived, "
+                 f"{len(self.reinitialised)} re-initialised, {len(self.ignored)} ignored"]
+        lines += [f"  derived {k} <- {v}" for k, v in self.derived.items()]
+        lines += [f"  re-initialised {k}" for k in self.reinitialised]
+        lines += [f"  ignored {k}" for k in self.ignored]
+        return "\n".join(lines)
+
+
+def _replicate_current(src: Tensor, n_heads: int, n_levels: int, n_points: int, n_slots: int,
+                       t_points: int, coords: int, key: str) -> Tensor:
+    """Current-frame Linear rows (M*L_src*P_src*coords, ...) -> temporal rows (M*W*L*P_t*coords, ...),
+    layout (m, w, l, p, coord): the first ``n_levels`` levels and ``t_points`` points, same for every slot."""
+    rest = src.shape[1:]
+    per_head = src.shape[0] // n_heads
+    if src.shape[0] % n_heads or per_head % coords:
+        raise CheckpointError(f"{key}: {src.shape[0]} rows cannot be read as {n_heads} heads x levels x points "
+                              f"x {coords}")
+    src_levels_points = per_head // coords
+    src_points = n_points
+    src_levels = src_levels_points // src_points
+    if src_levels * src_points != src_levels_points or src_levels < n_levels or src_points < t_points:
+        raise CheckpointError(f"{key}: the image layer has {src_levels_points} level-point pairs per head, which "
+                              f"cannot supply {n_levels} levels x {t_points} temporal points "
+                              f"(assuming {n_points} points per level)")
+    v = src.reshape(n_heads, src_levels, src_points, coords, *rest)[:, :n_levels, :t_points]
+    v = v[:, None].expand(n_heads, n_slots, *v.shape[1:])
+    return v.reshape(-1, *rest).clone()
+
+
+def devis_transfer_state_dict(model: nn.Module, image_sd: Mapping[str, Tensor], finetune_query_embeddings: bool = False,
+                              finetune_temporal_modules: bool = True, finetune_class_logits: bool = False,
+                              class_id_map: list[int] | None = None,
+                              source: str = "mask-head checkpoint") -> tuple[dict[str, Tensor], TransferReport]:
+    """A full DeVIS state dict built from a Deformable Mask Head state dict (spec §3.6, §6.1).
+
+    model: the DeVIS model (its fresh weights fill the re-initialised keys); image_sd: official names
+    (``def_detr.*``, ``bbox_attention.*``, ``mask_head.*``). Rules (``DEVIS_TRANSFER_RULES``):
+    temporal_embed fresh; query_embed (T*N_q, 2C) fresh, or COCO rows 0, s, 2s, ... (s = Q_img / N_q)
+    repeated for each of the T frames; class_embed fresh, or rows ``class_id_map[k]`` of the image heads;
+    temporal Linears fresh, or the same layer's current-frame Linear (M, L_img, P, ...) cut to the first
+    L levels and P_t points and replicated over the W slots. Every other model key must exist in
+    ``image_sd`` with the same shape (else ``CheckpointMismatchError``). Returns (state dict, report).
+    """
+    own = model.state_dict()
+    image_sd = {k: v for k, v in image_sd.items() if not k.endswith(IGNORED_SUFFIXES)}
+    flags = {"FINETUNE_QUERY_EMBEDDINGS": finetune_query_embeddings,
+             "FINETUNE_TEMPORAL_MODULES": finetune_temporal_modules, "FINETUNE_CLASS_LOGITS": finetune_class_logits}
+    report = TransferReport()
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    missing, wrong = [], []
+    detr = model.def_detr
+    t_len = detr.transformer.num_frames
+    for key, fresh in own.items():
+        rule = next((r for r in DEVIS_TRANSFER_RULES if r[0] in key), None)
+        if rule is None:
+            if key not in image_sd:
+                missing.append(key)
+            elif tuple(image_sd[key].shape) != tuple(fresh.shape):
+                wrong.append((key, tuple(image_sd[key].shape), tuple(fresh.shape)))
+            else:
+                out[key] = image_sd[key]
+                used.add(key)
+                report.copied.append(key)
+            continue
+        substring, flag = rule
+        if flag is None or not flags[flag]:
+            out[key] = fresh
+            report.reinitialised.append(key)
+            continue
+        if substring.startswith("temporal_"):
+            src_key = key.replace("temporal_", "", 1)
+            if src_key not in image_sd:
+                missing.append(src_key)
+                continue
+            attn = model.get_submodule(key.rsplit(".", 2)[0])
+            coords = 2 if "sampling_offsets" in key else 1
+            out[key] = _replicate_current(image_sd[src_key], attn.n_heads, attn.n_levels, attn.n_points,
+                                          attn.num_temporal_frames, attn.temporal_points, coords, src_key)
+            if tuple(out[key].shape) != tuple(fresh.shape):
+                wrong.append((key, tuple(out[key].shape), tuple(fresh.shape)))
+            used.add(src_key)
+            report.derived[key] = f"{src_key} (first {attn.n_levels} levels, {attn.temporal_points} points, " \
+                                  f"x{attn.num_temporal_frames} slots)"
+        elif substring == "query_embed.":
+            src = image_sd.get(key)
+            if src is None:
+                missing.append(key)
+                continue
+            n_q = fresh.shape[0] // t_len
+            if src.shape[0] % n_q or src.shape[1:] != fresh.shape[1:]:
+                raise CheckpointError(f"{source}: {key} {tuple(src.shape)} cannot seed {n_q} slots per frame "
+                                      f"(SOLVER.DEVIS.FINETUNE_QUERY_EMBEDDINGS needs rows % N_q == 0 and "
+                                      f"{tuple(fresh.shape[1:])} columns)")
+            out[key] = src[:: src.shape[0] // n_q].repeat(t_len, 1)
+            used.add(key)
+            report.derived[key] = f"{key} (every {src.shape[0] // n_q}-th row, repeated for {t_len} frames)"
+        else:  # class heads
+            src = image_sd.get(key)
+            if src is None:
+                missing.append(key)
+                continue
+            if class_id_map is None or len(class_id_map) != fresh.shape[0]:
+                raise CheckpointError(f"{source}: SOLVER.DEVIS.FINETUNE_CLASS_LOGITS needs class_id_map with one "
+                                      f"image-head row per video class ({fresh.shape[0]}), got "
+                                      f"{None if class_id_map is None else len(class_id_map)}")
+            out[key] = src[torch.as_tensor(class_id_map, dtype=torch.long)].clone()
+            used.add(key)
+            report.derived[key] = f"{key} (rows {list(class_id_map)})"
+    if missing or wrong:
+        raise CheckpointMismatchError(f"{source} -> DeVIS", missing, [], wrong)
+    report.ignored = sorted(k for k in image_sd if k not in used)
+    log.info(report.summary())
+    return out, report
+
+
+def load_devis_from_mask_head(model: nn.Module, path: str | os.PathLike, cfg, class_id_map: list[int] | None = None,
+                              trusted: bool = False) -> TransferReport:
+    """Initialise DeVIS from a Deformable Mask Head checkpoint file with the SOLVER.DEVIS.FINETUNE_* flags of
+    ``cfg`` (``devis_transfer_state_dict``); loads strictly and returns the report (also logged)."""
+    sd = extract_state_dict(read_checkpoint(path, trusted=trusted), str(path))
+    d = cfg.SOLVER.DEVIS
+    out, report = devis_transfer_state_dict(model, sd, d.FINETUNE_QUERY_EMBEDDINGS, d.FINETUNE_TEMPORAL_MODULES,
+                                            d.FINETUNE_CLASS_LOGITS, class_id_map, str(path))
+    model.load_state_dict(out, strict=True)
+    return report
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, lr_scheduler=None,

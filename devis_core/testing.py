@@ -53,3 +53,9 @@ def fixture_images(seed_input: int, image_sizes: Iterable[Iterable[int]], channe
     """Mask-head fixture images: image i = RandomState(seed_input + i).standard_normal((3, H_i, W_i)), float64."""
     return [torch.from_numpy(np.random.RandomState(seed_input + i).standard_normal((channels, int(h), int(w))))
             for i, (h, w) in enumerate(image_sizes)]
+
+
+def fixture_clip(seed_input: int, input_shape: Iterable[int]) -> Tensor:
+    """DeVIS fixture clip (T, 3, H, W) float64: RandomState(seed_input).standard_normal(input_shape)."""
+    shape = tuple(int(s) for s in input_shape)
+    return torch.from_numpy(np.random.RandomState(seed_input).standard_normal(shape))

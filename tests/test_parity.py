@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from devis_core.config import load_config
-from devis_core.testing import checksum, fixture_images, regenerated_state_dict
+from devis_core.testing import checksum, fixture_clip, fixture_images, regenerated_state_dict
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "parity"
 
@@ -111,7 +111,75 @@ def run_maskhead(fx: dict) -> None:
     assert abs(total - fx["loss_total"]) <= tol["loss"] * abs(fx["loss_total"])
 
 
-RUNNERS = {"maskhead": run_maskhead}
+def run_devis(fx: dict) -> None:
+    from devis_core.checkpoint import check_state_dict, convert_state_dict
+    from devis_core.criterion import build_criterion
+    from devis_core.models import build_model
+    from devis_core.models.nested import NestedTensor
+
+    dtype = getattr(torch, fx["dtype"])
+    tol = TOLERANCE[fx["dtype"]]
+    cfg = load_config(fx["yaml"], fx["overrides"])
+    model = build_model(cfg, fx["num_classes"], load_weights=False)
+    official = regenerated_state_dict({k: v.shape for k, v in model.state_dict().items()}, fx["seed"])
+    check_checksums(official, fx["checksums"])
+    sd = convert_state_dict(model, official, source="regenerated official DeVIS weights")
+    check_state_dict(model, sd, "regenerated official DeVIS weights")
+    model.load_state_dict(sd, strict=True)
+    model.to(dtype)
+
+    clip = fixture_clip(fx["seed_input"], fx["input_shape"]).to(dtype)
+    samples = NestedTensor(clip, torch.zeros(clip.shape[0], *clip.shape[-2:], dtype=torch.bool))
+    exp = fx["expected"]
+    model.eval()
+    with torch.no_grad():
+        feats = model.def_detr.forward_features(samples)
+        out = model.def_detr.predict(feats)
+        n_slots = model.num_slots
+        masks_all = model.trajectory_masks(feats, torch.arange(n_slots))
+        post = model.inference(samples, fx["tgt_size"], fx["clip_length"])
+    assert torch.equal(feats["spatial_shapes"], exp["spatial_shapes"])
+    for name in ("memory", "hs", "init_reference", "inter_references"):
+        assert_close_rel(name, feats[name], exp[name], tol["tensor"])
+    layers = [*out["aux_outputs"], out]
+    assert len(layers) == exp["pred_logits"].shape[0]
+    for i, layer in enumerate(layers):
+        assert_close_rel(f"pred_logits[{i}]", layer["pred_logits"], exp["pred_logits"][i], tol["tensor"])
+        assert_close_rel(f"pred_boxes[{i}]", layer["pred_boxes"], exp["pred_boxes"][i], tol["tensor"])
+    assert_close_rel("mask_logits_all", masks_all, exp["mask_logits_all"], tol["mask"])
+    ep = fx["postprocessed"]
+    for name in ("labels", "top_k_idxs", "inverse_idxs"):
+        assert torch.equal(post[name], ep[name]), f"postprocessed {name} differ"
+    for name in ("scores", "boxes", "center_points"):
+        assert_close_rel(f"postprocessed {name}", post[name], ep[name], tol["tensor"])
+    assert_close_rel("postprocessed masks", post["masks"], ep["masks"], tol["mask"])
+
+    # Training forward (dropout 0): the clip matcher inside the model, then the official losses.
+    model.train()
+    targets = [{k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in t.items()}
+               for t in fx["targets"]]
+    out = model(samples, targets)
+    (src, tgt), = out["indices"]
+    (esrc, etgt, evalid), = fx["matcher_indices"]
+    assert torch.equal(src.cpu(), esrc) and torch.equal(tgt.cpu(), etgt), "clip matcher indices differ"
+    assert torch.equal(targets[0]["valid"][tgt].bool(), evalid.bool()), "matched valid flags differ"
+    criterion = build_criterion(cfg, fx["num_classes"])
+    losses = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in criterion(out, targets).items()}
+    assert set(losses) == set(fx["losses"]), f"loss keys: ours {sorted(losses)} vs {sorted(fx['losses'])}"
+    for k, v in fx["losses"].items():
+        assert abs(float(losses[k]) - v) <= tol["loss"] * max(abs(v), 1e-12), f"{k}: ours {float(losses[k])} vs {v}"
+    assert criterion.weight_dict == fx["loss_weights"]
+    total = float(criterion.total_loss(losses))
+    assert abs(total - fx["loss_total"]) <= tol["loss"] * abs(fx["loss_total"])
+
+
+def run_tracker(fx: dict) -> None:
+    from parity_tracker import check_tracker_fixture
+
+    check_tracker_fixture(fx)
+
+
+RUNNERS = {"maskhead": run_maskhead, "devis": run_devis, "tracker": run_tracker}
 
 
 @pytest.mark.parametrize("path", _fixture_files(), ids=lambda p: p.name)
@@ -123,8 +191,9 @@ def test_parity_fixture(path: Path):
     RUNNERS[kind](fx)
 
 
-def test_fixture_directory_is_not_empty():
-    assert any(p.name == "maskhead_public.pt" for p in _fixture_files())
+def test_fixture_directory_holds_every_kind():
+    kinds = {torch.load(p, weights_only=True)["kind"] for p in _fixture_files()}
+    assert kinds >= {"maskhead", "devis", "tracker"}
 
 
 def test_checksum_check_catches_a_wrong_weight():

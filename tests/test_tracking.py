@@ -18,7 +18,7 @@ from devis_core.tracking import (ClipTracker, binary_mask_iou, build_tracker, ce
                                  stitching_cost)
 from parity_tracker import check_tracker_fixture
 
-FIXTURE = Path(__file__).parent / "fixtures" / "tracker" / "tracker_public.pt"
+FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "tracker_public.pt"
 
 
 # ------------------------------------------------------------------------------------------ partition
@@ -286,10 +286,7 @@ def test_build_tracker_reads_config():
     assert (tracker.min_detections, tracker.video_id, tracker.original_size) == (3, 5, (30, 40))
 
 
-def test_tracker_parity_with_official_fixture():
-    check_tracker_fixture(torch.load(FIXTURE, weights_only=True))
-
-
+# The CPU tracker parity runs in tests/test_parity.py with the other parity fixtures.
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tracker_parity_with_official_fixture_on_cuda():

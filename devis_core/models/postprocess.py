@@ -80,3 +80,37 @@ def build_postprocessors(cfg) -> dict[str, nn.Module]:
     if cfg.MODEL.MASK_ON:
         post["segm"] = PostProcessSegm()
     return post
+
+
+@torch.no_grad()
+def clip_topk(logits: Tensor, boxes: Tensor, num_frames: int, k: int, tgt_size, clip_length: int) -> dict:
+    """DeVIS per-clip selection (spec §7.3): top-``k`` (slot, class) pairs of the frame-averaged scores.
+
+    logits: (T*N_q, K) class logits, frame-major; boxes: (T*N_q, 4) normalised cx, cy, w, h;
+    tgt_size: (H0, W0) original video size; clip_length: the first frames that are real (scores are
+    averaged over them, outputs cover them).
+    Returns scores (T', k) per-frame probability of each pair, labels (T', k) category ids (class + 1),
+    boxes (T', k, 4) xyxy pixels clamped to the image, center_points (T', k, 2) normalised (cx, cy),
+    top_k_idxs (k,) slot of each pair, inverse_idxs (k,) index of the slot among the sorted unique slots.
+    """
+    q, n_cls = logits.shape
+    if q % num_frames:
+        raise ValueError(f"clip_topk: {q} queries is not a multiple of num_frames={num_frames}")
+    if not 1 <= clip_length <= num_frames:
+        raise ValueError(f"clip_topk: clip_length must be in 1..{num_frames}, got {clip_length}")
+    n_q = q // num_frames
+    if k > n_q * n_cls:
+        raise ValueError(f"clip_topk: TEST.NUM_OUT={k} exceeds the {n_q}x{n_cls} (slot, class) pairs")
+    prob = logits.sigmoid().view(num_frames, n_q, n_cls)[:clip_length]
+    boxes = boxes.view(num_frames, n_q, 4)[:clip_length]
+    _, flat = torch.topk(prob.mean(0).flatten(), k)
+    slots = torch.div(flat, n_cls, rounding_mode="floor")
+    classes = flat % n_cls
+    h0, w0 = (float(v) for v in tgt_size)
+    sel = boxes[:, slots]                                                     # (T', k, 4)
+    xyxy = box_cxcywh_to_xyxy(sel) * sel.new_tensor([w0, h0, w0, h0])
+    xyxy = torch.stack([xyxy[..., 0].clamp(0, w0), xyxy[..., 1].clamp(0, h0),
+                        xyxy[..., 2].clamp(0, w0), xyxy[..., 3].clamp(0, h0)], -1)
+    _, inverse = torch.unique(slots, sorted=True, return_inverse=True)
+    return {"scores": prob[:, slots, classes], "labels": (classes + 1)[None].expand(clip_length, k).clone(),
+            "boxes": xyxy, "center_points": sel[..., :2].clone(), "top_k_idxs": slots, "inverse_idxs": inverse}

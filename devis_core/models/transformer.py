@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from devis_core.attention import default_temporal_frames, windowed_temporal_frames
+
 from .deformable_attention import MSDeformAttn
 from .heads import refine_boxes
 
@@ -82,8 +84,11 @@ class DeformableDecoderLayer(nn.Module):
 
     def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4,
                  n_heads: int = 8, n_points: int = 4, temporal_points: int = 0, num_temporal_frames: int = 0,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", clip_self_attention: bool = False):
         super().__init__()
+        # DeVIS: the leading axis holds the frames of ONE clip and self-attention spans all of their
+        # queries jointly (spec §4); for images it is a batch of independent query sets.
+        self.clip_self_attention = clip_self_attention
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, temporal_points,
                                        num_temporal_frames, attention_backend)
         self.dropout1 = nn.Dropout(dropout)
@@ -101,9 +106,14 @@ class DeformableDecoderLayer(nn.Module):
                 spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor | None = None,
                 **temporal) -> Tensor:
         """tgt, query_pos: (B, Q, C); reference_points: (B, Q, L, 2|4) scaled by valid ratios;
-        memory: (B, S, C); padding_mask: (B, S) or None. Returns (B, Q, C)."""
-        q = (tgt + query_pos).transpose(0, 1)
-        tgt2 = self.self_attn(q, q, tgt.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
+        memory: (B, S, C); padding_mask: (B, S) or None. With ``clip_self_attention`` B is the frame
+        axis T of one clip and the self-attention runs over all T*Q queries (frame-major).
+        Returns (B, Q, C)."""
+        b, nq, c = tgt.shape
+        seq = (1, b * nq, c) if self.clip_self_attention else (b, nq, c)
+        q = (tgt + query_pos).reshape(seq).transpose(0, 1)
+        tgt2 = self.self_attn(q, q, tgt.reshape(seq).transpose(0, 1), need_weights=False)[0]
+        tgt2 = tgt2.transpose(0, 1).reshape(b, nq, c)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                padding_mask, **temporal)
@@ -120,12 +130,22 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                ratios: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """src, pos: (B, S, C); ratios: (B, L, 2); padding_mask: (B, S). Returns memory (B, S, C)."""
+                ratios: Tensor, padding_mask: Tensor | None = None,
+                temporal_frames: Tensor | None = None) -> Tensor:
+        """src, pos: (B, S, C); ratios: (B, L, 2); padding_mask: (B, S).
+        temporal_frames: (T, W) int64 frame read by slot w of frame t (B = T frames of one clip) for
+        temporal layers, else None. Returns memory (B, S, C)."""
         reference_points = encoder_reference_points(spatial_shapes, ratios)
+        temporal = {}
+        if temporal_frames is not None:
+            # A token samples the other frames around its own position: the level-0 copy of its
+            # reference, the same for every slot and level (spec §3.4).
+            t, s, n_levels, _ = reference_points.shape
+            ref0 = reference_points[:, :, None, :1].expand(t, s, temporal_frames.shape[1], n_levels, 2)
+            temporal = {"temporal_reference_points": ref0, "temporal_frames": temporal_frames}
         out = src
         for layer in self.layers:
-            out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask, **temporal)
         return out
 
 
@@ -136,24 +156,35 @@ class DeformableDecoder(nn.Module):
     modules are registered twice, so both state-dict keys exist). Without it the references stay fixed.
     """
 
-    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, bbx_gradient_prop: bool = False):
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, bbx_gradient_prop: bool = False,
+                 instance_aware: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.bbx_gradient_prop = bbx_gradient_prop
+        # Temporal cross-attention only: query (t, i) samples frame t' around the reference of (t', i)
+        # when instance-aware, else around its own reference (spec §3.5).
+        self.instance_aware = instance_aware
         self.bbox_embed: nn.ModuleList | None = None
 
     def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, ratios: Tensor, query_pos: Tensor,
-                padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                padding_mask: Tensor | None = None,
+                temporal_frames: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tgt, query_pos: (B, Q, C); reference_points: (B, Q, 2) initial points; memory: (B, S, C);
-        ratios: (B, L, 2). Returns hs (D, B, Q, C) and the references after each layer (D, B, Q, 4)
-        (or (D, B, Q, 2) without box refinement)."""
+        ratios: (B, L, 2); temporal_frames: (T, W) int64 other-frame slots when B = T frames of one
+        clip and the layers are temporal, else None. Returns hs (D, B, Q, C) and the references after
+        each layer (D, B, Q, 4) (or (D, B, Q, 2) without box refinement)."""
         out = tgt
         hs, refs = [], []
         for lid, layer in enumerate(self.layers):
             scale = torch.cat([ratios, ratios], -1) if reference_points.shape[-1] == 4 else ratios
             ref_in = reference_points[:, :, None] * scale[:, None]
-            out = layer(out, query_pos, ref_in, memory, spatial_shapes, level_start_index, padding_mask)
+            temporal = {}
+            if temporal_frames is not None:
+                temporal = {"temporal_reference_points": self.temporal_references(ref_in, temporal_frames),
+                            "temporal_frames": temporal_frames}
+            out = layer(out, query_pos, ref_in, memory, spatial_shapes, level_start_index, padding_mask,
+                        **temporal)
             if self.bbox_embed is not None:
                 new_ref = refine_boxes(self.bbox_embed[lid](out), reference_points)
                 # BBX_GRADIENT_PROP: let the loss of later layers reach earlier box heads (DeVIS configs).
@@ -162,26 +193,69 @@ class DeformableDecoder(nn.Module):
             refs.append(reference_points)
         return torch.stack(hs), torch.stack(refs)
 
+    def temporal_references(self, ref_in: Tensor, temporal_frames: Tensor) -> Tensor:
+        """References of the temporal slots. ref_in: (T, Q, L, 2|4); temporal_frames: (T, W).
+        Returns (T, Q, W, L, 2|4): entry [t, i, w] = ref_in[temporal_frames[t, w], i] (instance-aware)
+        or ref_in[t, i] (every slot around the query's own reference)."""
+        t, q = ref_in.shape[:2]
+        w = temporal_frames.shape[1]
+        if self.instance_aware:
+            return ref_in[temporal_frames].permute(0, 2, 1, 3, 4)
+        return ref_in[:, :, None].expand(t, q, w, *ref_in.shape[2:])
+
 
 class DeformableTransformer(nn.Module):
     """Level embedding + encoder + decoder over L flattened levels (``level_embed``, ``reference_points``,
-    ``encoder``, ``decoder``)."""
+    ``encoder``, ``decoder``).
+
+    With ``num_frames`` = T > 0 it is the DeVIS video transformer (spec §1.9, §3): the batch axis is the
+    T frames of one clip, encoder self-attention samples ``enc_temporal_points`` points per level in
+    each other frame (all T-1 others, or ``enc_temporal_window`` mirrored neighbours), the T*N_q
+    queries (frame-major) self-attend jointly and cross-attend with ``dec_temporal_points`` per level
+    in every other frame (instance-aware or not). Temporal points 0 switch a branch off.
+    """
 
     def __init__(self, d_model: int = 256, n_heads: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 1024, dropout: float = 0.1,
                  num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
-                 bbx_gradient_prop: bool = False, attention_backend: str = "auto"):
+                 bbx_gradient_prop: bool = False, attention_backend: str = "auto", num_frames: int = 0,
+                 enc_temporal_points: int = 0, dec_temporal_points: int = 0, enc_temporal_window: int = 0,
+                 instance_aware: bool = True):
         super().__init__()
+        if num_frames == 0 and (enc_temporal_points or dec_temporal_points):
+            raise ValueError("DeformableTransformer: temporal points need num_frames > 0 (a video clip)")
+        if num_frames == 1 and (enc_temporal_points or dec_temporal_points):
+            raise ValueError("DeformableTransformer: a 1-frame clip has no other frame to sample; set the "
+                             "temporal points to 0")
         self.d_model, self.n_heads = d_model, n_heads
+        self.num_frames = num_frames
+        self.enc_temporal_window = enc_temporal_window
+        enc_slots = (enc_temporal_window or num_frames - 1) if enc_temporal_points else 0
+        dec_slots = num_frames - 1 if dec_temporal_points else 0
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.reference_points = nn.Linear(d_model, 2)
         enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads,
-                                           enc_n_points, attention_backend=attention_backend)
+                                           enc_n_points, enc_temporal_points, enc_slots,
+                                           attention_backend=attention_backend)
         self.encoder = DeformableEncoder(enc_layer, num_encoder_layers)
         dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads,
-                                           dec_n_points, attention_backend=attention_backend)
-        self.decoder = DeformableDecoder(dec_layer, num_decoder_layers, bbx_gradient_prop)
+                                           dec_n_points, dec_temporal_points, dec_slots,
+                                           attention_backend=attention_backend,
+                                           clip_self_attention=num_frames > 0)
+        self.decoder = DeformableDecoder(dec_layer, num_decoder_layers, bbx_gradient_prop, instance_aware)
         self.reset_parameters()
+
+    def temporal_frames(self, device=None) -> tuple[Tensor | None, Tensor | None]:
+        """Other-frame slots (T, W) int64 of the encoder and decoder (None where a branch is off)."""
+        enc = self.encoder.layers[0].self_attn
+        dec = self.decoder.layers[0].cross_attn
+        enc_frames = dec_frames = None
+        if enc.has_temporal:
+            enc_frames = (windowed_temporal_frames(self.num_frames, self.enc_temporal_window, device)
+                          if self.enc_temporal_window else default_temporal_frames(self.num_frames, device))
+        if dec.has_temporal:
+            dec_frames = default_temporal_frames(self.num_frames, device)
+        return enc_frames, dec_frames
 
     def reset_parameters(self) -> None:
         """Official initialisation (xavier for matrices, attention modules' own scheme, N(0,1) level embed)."""
@@ -214,23 +288,47 @@ class DeformableTransformer(nn.Module):
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor], query_embed: Tensor) -> dict:
         """srcs: L maps (B, C, H_l, W_l); masks: L (B, H_l, W_l) bool; pos: L (B, C, H_l, W_l);
-        query_embed: (Q, 2C), first C columns positional, last C content.
+        query_embed: (Q, 2C), first C columns positional, last C content. Video (num_frames = T): B = T
+        frames of one clip and Q = T*N_q rows, frame-major (row t*N_q + i = slot i of frame t).
 
-        Returns dict: memory (B, S, C); memories: L maps (B, C, H_l, W_l); hs (D, B, Q, C);
-        init_reference (B, Q, 2); inter_references (D, B, Q, 4); query_pos (B, Q, C); and the
-        flattening info of ``flatten_levels``.
+        Returns dict: memory (B, S, C); memories: L maps (B, C, H_l, W_l); hs (D, B', Q', C);
+        init_reference (B', Q', 2); inter_references (D, B', Q', 4); query_pos (B', Q', C) with
+        (B', Q') = (B, Q) for images and (1, T*N_q) for a clip; and the flattening info of
+        ``flatten_levels``.
         """
         flat = self.flatten_levels(srcs, masks, pos)
+        b = flat["src"].shape[0]
+        enc_frames = dec_frames = None
+        padding_mask = flat["mask"]
+        if self.num_frames:
+            if b != self.num_frames:
+                raise ValueError(f"DeformableTransformer: built for clips of {self.num_frames} frames, got a "
+                                 f"batch of {b} frames")
+            if query_embed.shape[0] % b:
+                raise ValueError(f"DeformableTransformer: {query_embed.shape[0]} query rows is not a multiple "
+                                 f"of {b} frames")
+            enc_frames, dec_frames = self.temporal_frames(flat["src"].device)
+            # DeVIS applies no padding mask inside its attention (a clip's frames are never padded).
+            padding_mask = None
         memory = self.encoder(flat["src"], flat["pos"], flat["spatial_shapes"], flat["level_start_index"],
-                              flat["valid_ratios"], flat["mask"])
-        b, _, c = memory.shape
+                              flat["valid_ratios"], padding_mask, enc_frames)
+        c = memory.shape[-1]
         query_pos, tgt = torch.split(query_embed, c, dim=1)
-        query_pos = query_pos.unsqueeze(0).expand(b, -1, -1)
-        tgt = tgt.unsqueeze(0).expand(b, -1, -1)
+        if self.num_frames:
+            query_pos, tgt = query_pos.reshape(b, -1, c), tgt.reshape(b, -1, c)
+        else:
+            query_pos = query_pos.unsqueeze(0).expand(b, -1, -1)
+            tgt = tgt.unsqueeze(0).expand(b, -1, -1)
         init_reference = self.reference_points(query_pos).sigmoid()
         hs, inter_references = self.decoder(tgt, init_reference, memory, flat["spatial_shapes"],
                                             flat["level_start_index"], flat["valid_ratios"], query_pos,
-                                            flat["mask"])
+                                            padding_mask, dec_frames)
+        if self.num_frames:
+            # One clip = one batch element with T*N_q frame-major queries (the official layout).
+            d = hs.shape[0]
+            hs = hs.reshape(d, 1, -1, c)
+            inter_references = inter_references.reshape(d, 1, -1, inter_references.shape[-1])
+            init_reference, query_pos = init_reference.reshape(1, -1, 2), query_pos.reshape(1, -1, c)
         memories, start = [], 0
         for s in srcs:
             h, w = s.shape[-2:]
@@ -241,11 +339,22 @@ class DeformableTransformer(nn.Module):
 
 
 def build_transformer(cfg) -> DeformableTransformer:
-    """The image deformable transformer from MODEL.* keys."""
+    """The deformable transformer from MODEL.* keys; for DATASETS.TYPE 'vis' the DeVIS video transformer
+    (MODEL.DEVIS.NUM_FRAMES and MODEL.DEVIS.DEFORMABLE_ATTENTION.*)."""
     t = cfg.MODEL.TRANSFORMER
+    video = {}
+    if cfg.DATASETS.TYPE == "vis":
+        da = cfg.MODEL.DEVIS.DEFORMABLE_ATTENTION
+        if da.DISABLE_TEMPORAL_CONNECTIONS:
+            raise ValueError("MODEL.DEVIS.DEFORMABLE_ATTENTION.DISABLE_TEMPORAL_CONNECTIONS=True (the "
+                             "DeVISAblationTransformer) is not implemented; set it to False")
+        video = dict(num_frames=cfg.MODEL.DEVIS.NUM_FRAMES, enc_temporal_points=da.ENC_N_POINTS_TEMPORAL_FRAME,
+                     dec_temporal_points=da.DEC_N_POINTS_TEMPORAL_FRAME,
+                     enc_temporal_window=0 if da.ENC_CONNECT_ALL_FRAMES else da.ENC_TEMPORAL_WINDOW,
+                     instance_aware=da.INSTANCE_AWARE_ATTENTION)
     return DeformableTransformer(
         d_model=cfg.MODEL.HIDDEN_DIM, n_heads=t.N_HEADS, num_encoder_layers=t.ENCODER_LAYERS,
         num_decoder_layers=t.DECODER_LAYERS, dim_feedforward=cfg.MODEL.DIM_FEEDFORWARD,
         dropout=cfg.MODEL.DROPOUT, num_feature_levels=cfg.MODEL.NUM_FEATURE_LEVELS,
         enc_n_points=t.ENC_N_POINTS, dec_n_points=t.DEC_N_POINTS,
-        bbx_gradient_prop=cfg.MODEL.BBX_GRADIENT_PROP, attention_backend=cfg.MODEL.ATTENTION_BACKEND)
+        bbx_gradient_prop=cfg.MODEL.BBX_GRADIENT_PROP, attention_backend=cfg.MODEL.ATTENTION_BACKEND, **video)
