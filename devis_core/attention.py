@@ -11,6 +11,8 @@ CUDA kernel in ``ops/`` is tested against it.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -114,16 +116,8 @@ def _check_inputs(value, spatial_shapes, level_start_index, loc_current, attn_cu
     if tuple(level_start_index.shape) != (L,) or level_start_index.is_floating_point():
         fail("level_start_index", f"an integer tensor ({L},)",
              f"{level_start_index.dtype} {tuple(level_start_index.shape)}")
-    shapes = spatial_shapes.detach().cpu().long()
-    if L < 1 or bool((shapes <= 0).any()):
-        fail("spatial_shapes", "at least one level with positive (H_l, W_l)", shapes.tolist())
-    sizes = shapes.prod(1)
-    if int(sizes.sum()) != S:
-        fail("spatial_shapes", f"sum of H_l*W_l equal to value.shape[1] = {S}", int(sizes.sum()))
-    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-    if not torch.equal(level_start_index.detach().cpu().long(), starts):
-        fail("level_start_index", f"the cumulative level sizes {starts.tolist()}",
-             level_start_index.detach().cpu().tolist())
+    if L < 1:
+        fail("spatial_shapes", "at least one level", "none")
     if loc_current.dim() != 6 or loc_current.shape[0] != T or loc_current.shape[2] != M \
             or loc_current.shape[3] != L or loc_current.shape[5] != 2:
         fail("loc_current", f"(T={T}, Q, M={M}, L={L}, P_c, 2)", tuple(loc_current.shape))
@@ -138,6 +132,7 @@ def _check_inputs(value, spatial_shapes, level_start_index, loc_current, attn_cu
     if loc_temporal is None:
         if temporal_frames is not None:
             raise ValueError("ms_deform_attn: temporal_frames given without loc_temporal/attn_temporal")
+        _check_contents(value, spatial_shapes, level_start_index, None, 0)
         return T, S, M, D, L, Q, Pc, 0, 0, None
     if loc_temporal.dim() != 7 or tuple(loc_temporal.shape[:3]) != (T, Q, M) \
             or loc_temporal.shape[4] != L or loc_temporal.shape[6] != 2:
@@ -153,9 +148,60 @@ def _check_inputs(value, spatial_shapes, level_start_index, loc_current, attn_cu
         if W != T - 1:
             raise ValueError(f"ms_deform_attn: loc_temporal has W={W} slots; without temporal_frames "
                              f"the default slots need W = T-1 = {T - 1}")
-        temporal_frames = default_temporal_frames(T, device=value.device)
-    check_temporal_frames(temporal_frames, T, W)
+        temporal_frames = _default_frames(T, value.device)
+    if not isinstance(temporal_frames, torch.Tensor) or tuple(temporal_frames.shape) != (T, W) \
+            or temporal_frames.dtype not in (torch.int64, torch.int32):
+        check_temporal_frames(temporal_frames, T, W)          # raises with the details
+    _check_contents(value, spatial_shapes, level_start_index, temporal_frames, W)
     return T, S, M, D, L, Q, Pc, W, Pt, temporal_frames.to(device=value.device, dtype=torch.long)
+
+
+_HOST_CACHE: dict = {}          # id(tensor) -> (weakref, version, host copy)
+_DEFAULT_FRAMES: dict = {}      # (T, device) -> default_temporal_frames(T)
+
+
+def _host_ints(t: torch.Tensor) -> torch.Tensor:
+    """CPU int64 copy of a small integer tensor, remembered while the same tensor object lives
+    unmodified (a weakref and the version counter guard against reuse of ids and in-place edits),
+    so the layers of a model that share one spatial_shapes tensor pay the device transfer once."""
+    hit = _HOST_CACHE.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    host = t.detach().to("cpu", torch.long)
+    if len(_HOST_CACHE) > 64:
+        _HOST_CACHE.clear()
+    _HOST_CACHE[id(t)] = (weakref.ref(t), t._version, host)
+    return host
+
+
+def _default_frames(T: int, device) -> torch.Tensor:
+    """Shared default slot table per (T, device); internal callers never modify it."""
+    key = (T, str(device))
+    if key not in _DEFAULT_FRAMES:
+        _DEFAULT_FRAMES[key] = default_temporal_frames(T, device=device)
+    return _DEFAULT_FRAMES[key]
+
+
+def _check_contents(value, spatial_shapes, level_start_index, temporal_frames, W):
+    """Check the values of the integer inputs (on host copies, see _host_ints)."""
+    T, S = value.shape[0], value.shape[1]
+    host = _host_ints(spatial_shapes)
+    if bool((host <= 0).any()):
+        raise ValueError(f"ms_deform_attn: spatial_shapes: expected positive (H_l, W_l), got {host.tolist()}")
+    sizes = host.prod(1)
+    if int(sizes.sum()) != S:
+        raise ValueError(f"ms_deform_attn: spatial_shapes: expected sum of H_l*W_l equal to "
+                         f"value.shape[1] = {S}, got {int(sizes.sum())}")
+    expect = (sizes.cumsum(0) - sizes).tolist()
+    got = _host_ints(level_start_index).tolist()
+    if got != expect:
+        raise ValueError(f"ms_deform_attn: level_start_index: expected the cumulative level sizes "
+                         f"{expect}, got {got}")
+    if temporal_frames is not None and temporal_frames.numel():
+        frames = _host_ints(temporal_frames)
+        if int(frames.min()) < 0 or int(frames.max()) >= T:
+            raise ValueError(f"temporal_frames: entries must lie in [0, {T - 1}], got range "
+                             f"[{int(frames.min())}, {int(frames.max())}]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,8 +242,8 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, loc_curre
         value, spatial_shapes, level_start_index, loc_current, attn_current,
         loc_temporal, attn_temporal, temporal_frames)
     dt = value.dtype
-    shapes = [tuple(int(x) for x in hw) for hw in spatial_shapes.detach().cpu().tolist()]
-    starts = [int(s) for s in level_start_index.detach().cpu().tolist()]
+    shapes = [tuple(hw) for hw in _host_ints(spatial_shapes).tolist()]
+    starts = _host_ints(level_start_index).tolist()
     maps = _level_maps(value, shapes, starts)
 
     # current frame: batch (t, m) of the maps lines up with (t, m) of the queries

@@ -183,6 +183,9 @@ PROJECT_KEYS: list[tuple[str, Any, str]] = [
     ("MODEL.ATTENTION_BACKEND", "auto",
      "Multi-scale deformable attention implementation: 'auto' (fused CUDA kernel on CUDA tensors, "
      "PyTorch reference elsewhere), 'cuda' (fail if the kernel cannot be built) or 'reference'."),
+    ("DATASETS.SKIP_INVALID", False,
+     "Drop invalid annotations and unreadable images with a warning instead of raising an error that "
+     "names the file and id (COCO-format image datasets)."),
     ("INPUT.DEVIS.BGR_TRAINING", False,
      "Feed BGR-ordered frames during VIS training, as the official code did (cv2.imread without a "
      "conversion, spec §6.2). Off: RGB, like inference and the COCO stages. Inference is always RGB."),

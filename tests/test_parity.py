@@ -32,7 +32,7 @@ TOLERANCE = {"float64": {"tensor": 1e-9, "mask": 1e-9, "loss": 1e-9},
 
 def assert_close_rel(name: str, ours: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
     assert tuple(ours.shape) == tuple(expected.shape), f"{name}: shape {tuple(ours.shape)} vs {tuple(expected.shape)}"
-    ours = ours.detach().to(torch.float64)
+    ours = ours.detach().cpu().to(torch.float64)
     expected = expected.to(torch.float64)
     err = float((ours - expected).abs().max())
     scale = float(expected.abs().max())
@@ -50,13 +50,15 @@ def check_checksums(state_dict: dict, checksums: dict) -> None:
             f"checksum of {k}: ours ({ours_s}, {ours_a}) vs fixture ({s}, {a})")
 
 
-def run_maskhead(fx: dict) -> None:
+def run_maskhead(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> None:
     from devis_core.checkpoint import check_state_dict, convert_state_dict
     from devis_core.criterion import build_criterion
     from devis_core.models import build_model, nested_tensor_from_tensor_list
 
-    dtype = getattr(torch, fx["dtype"])
-    tol = TOLERANCE[fx["dtype"]]
+    # The fixture was computed in float64; a float32 run (e.g. the CUDA kernel) uses the README's float32 bounds.
+    dtype_name = dtype_name or fx["dtype"]
+    dtype = getattr(torch, dtype_name)
+    tol = TOLERANCE[dtype_name]
     cfg = load_config(fx["yaml"], fx["overrides"])
     model = build_model(cfg, fx["num_classes"], load_weights=False)
     # Weights through the official-checkpoint path: official names -> conversion -> strict load.
@@ -65,10 +67,10 @@ def run_maskhead(fx: dict) -> None:
     sd = convert_state_dict(model, official, source="regenerated official weights")
     check_state_dict(model, sd, "regenerated official weights")
     model.load_state_dict(sd, strict=True)
-    model.to(dtype)
+    model.to(device=device, dtype=dtype)
 
     samples = nested_tensor_from_tensor_list([im.to(dtype) for im in fixture_images(fx["seed_input"],
-                                                                                    fx["image_sizes"])])
+                                                                                    fx["image_sizes"])]).to(device)
     exp = fx["expected"]
     model.eval()
     with torch.no_grad():
@@ -84,8 +86,8 @@ def run_maskhead(fx: dict) -> None:
     for i, layer in enumerate(layers):
         assert_close_rel(f"pred_logits[{i}]", layer["pred_logits"], exp["pred_logits"][i], tol["tensor"])
         assert_close_rel(f"pred_boxes[{i}]", layer["pred_boxes"], exp["pred_boxes"][i], tol["tensor"])
-    assert torch.equal(top["labels"], exp["topk_labels"]), "top-k labels differ"
-    assert torch.equal(top["query_indexes"], exp["topk_query_indexes"]), "top-k query indexes differ"
+    assert torch.equal(top["labels"].cpu(), exp["topk_labels"]), "top-k labels differ"
+    assert torch.equal(top["query_indexes"].cpu(), exp["topk_query_indexes"]), "top-k query indexes differ"
     assert_close_rel("topk_scores", top["scores"], exp["topk_scores"], tol["tensor"])
     # The README calls these xyxy, but the stored values are the official ``pre_computed_results['boxes']``:
     # the selected queries' normalised cx, cy, w, h (checked: they equal pred_boxes at topk_query_indexes).
@@ -96,8 +98,8 @@ def run_maskhead(fx: dict) -> None:
 
     # Training forward (dropout 0 in the fixture): matcher inside the model, then the official losses.
     model.train()
-    targets = [{k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in t.items()}
-               for t in fx["targets"]]
+    targets = [{k: ((v.to(dtype) if v.is_floating_point() else v).to(device) if torch.is_tensor(v) else v)
+                for k, v in t.items()} for t in fx["targets"]]
     out = model(samples, targets)
     for b, ((src, tgt), (esrc, etgt)) in enumerate(zip(out["indices"], fx["matcher_indices"])):
         assert torch.equal(src.cpu(), esrc) and torch.equal(tgt.cpu(), etgt), f"matcher indices of image {b} differ"
@@ -111,14 +113,16 @@ def run_maskhead(fx: dict) -> None:
     assert abs(total - fx["loss_total"]) <= tol["loss"] * abs(fx["loss_total"])
 
 
-def run_devis(fx: dict) -> None:
+def run_devis(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> None:
     from devis_core.checkpoint import check_state_dict, convert_state_dict
     from devis_core.criterion import build_criterion
     from devis_core.models import build_model
     from devis_core.models.nested import NestedTensor
 
-    dtype = getattr(torch, fx["dtype"])
-    tol = TOLERANCE[fx["dtype"]]
+    # The fixture was computed in float64; a float32 run (e.g. the CUDA kernel) uses the README's float32 bounds.
+    dtype_name = dtype_name or fx["dtype"]
+    dtype = getattr(torch, dtype_name)
+    tol = TOLERANCE[dtype_name]
     cfg = load_config(fx["yaml"], fx["overrides"])
     model = build_model(cfg, fx["num_classes"], load_weights=False)
     official = regenerated_state_dict({k: v.shape for k, v in model.state_dict().items()}, fx["seed"])
@@ -126,9 +130,9 @@ def run_devis(fx: dict) -> None:
     sd = convert_state_dict(model, official, source="regenerated official DeVIS weights")
     check_state_dict(model, sd, "regenerated official DeVIS weights")
     model.load_state_dict(sd, strict=True)
-    model.to(dtype)
+    model.to(device=device, dtype=dtype)
 
-    clip = fixture_clip(fx["seed_input"], fx["input_shape"]).to(dtype)
+    clip = fixture_clip(fx["seed_input"], fx["input_shape"]).to(device=device, dtype=dtype)
     samples = NestedTensor(clip, torch.zeros(clip.shape[0], *clip.shape[-2:], dtype=torch.bool))
     exp = fx["expected"]
     model.eval()
@@ -138,7 +142,7 @@ def run_devis(fx: dict) -> None:
         n_slots = model.num_slots
         masks_all = model.trajectory_masks(feats, torch.arange(n_slots))
         post = model.inference(samples, fx["tgt_size"], fx["clip_length"])
-    assert torch.equal(feats["spatial_shapes"], exp["spatial_shapes"])
+    assert torch.equal(feats["spatial_shapes"].cpu(), exp["spatial_shapes"])
     for name in ("memory", "hs", "init_reference", "inter_references"):
         assert_close_rel(name, feats[name], exp[name], tol["tensor"])
     layers = [*out["aux_outputs"], out]
@@ -149,20 +153,20 @@ def run_devis(fx: dict) -> None:
     assert_close_rel("mask_logits_all", masks_all, exp["mask_logits_all"], tol["mask"])
     ep = fx["postprocessed"]
     for name in ("labels", "top_k_idxs", "inverse_idxs"):
-        assert torch.equal(post[name], ep[name]), f"postprocessed {name} differ"
+        assert torch.equal(post[name].cpu(), ep[name]), f"postprocessed {name} differ"
     for name in ("scores", "boxes", "center_points"):
         assert_close_rel(f"postprocessed {name}", post[name], ep[name], tol["tensor"])
     assert_close_rel("postprocessed masks", post["masks"], ep["masks"], tol["mask"])
 
     # Training forward (dropout 0): the clip matcher inside the model, then the official losses.
     model.train()
-    targets = [{k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in t.items()}
-               for t in fx["targets"]]
+    targets = [{k: ((v.to(dtype) if v.is_floating_point() else v).to(device) if torch.is_tensor(v) else v)
+                for k, v in t.items()} for t in fx["targets"]]
     out = model(samples, targets)
     (src, tgt), = out["indices"]
     (esrc, etgt, evalid), = fx["matcher_indices"]
     assert torch.equal(src.cpu(), esrc) and torch.equal(tgt.cpu(), etgt), "clip matcher indices differ"
-    assert torch.equal(targets[0]["valid"][tgt].bool(), evalid.bool()), "matched valid flags differ"
+    assert torch.equal(targets[0]["valid"][tgt].bool().cpu(), evalid.bool()), "matched valid flags differ"
     criterion = build_criterion(cfg, fx["num_classes"])
     losses = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in criterion(out, targets).items()}
     assert set(losses) == set(fx["losses"]), f"loss keys: ours {sorted(losses)} vs {sorted(fx['losses'])}"
@@ -189,6 +193,19 @@ def test_parity_fixture(path: Path):
     if kind not in RUNNERS:
         pytest.fail(f"{path}: parity fixture kind {kind!r} has no runner yet (supported: {sorted(RUNNERS)})")
     RUNNERS[kind](fx)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", [p for p in _fixture_files()
+                                  if torch.load(p, weights_only=True)["kind"] in ("maskhead", "devis")],
+                         ids=lambda p: p.name)
+def test_parity_fixture_cuda_float32(path: Path):
+    """The same check on the GPU in float32, through the fused CUDA attention kernel (README float32 bounds)."""
+    fx = torch.load(path, weights_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    RUNNERS[fx["kind"]](fx, device="cuda", dtype_name="float32")
 
 
 def test_fixture_directory_holds_every_kind():

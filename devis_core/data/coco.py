@@ -272,7 +272,7 @@ def collate_fn(batch: Sequence[tuple[Tensor, dict]]) -> tuple[NestedTensor, list
 
 def build_coco_dataset(cfg, split: str) -> tuple[CocoInstances, int]:
     """The dataset named by DATASETS.TRAIN_DATASET (split 'train') or DATASETS.VAL_DATASET ('val'),
-    with the matching transforms, MODEL.MASK_ON masks and DATASETS.SKIP_INVALID (default False).
+    with the matching transforms, MODEL.MASK_ON masks and DATASETS.SKIP_INVALID.
 
     Returns (dataset, num_classes).
     """
@@ -284,5 +284,5 @@ def build_coco_dataset(cfg, split: str) -> tuple[CocoInstances, int]:
         raise DatasetError(f"dataset {name!r} is a {kind!r} dataset; build_coco_dataset needs a COCO one")
     dataset = CocoInstances(image_root, ann_file, build_transforms(cfg, split == "train"),
                             return_masks=bool(cfg.MODEL.MASK_ON), num_classes=num_classes,
-                            skip_invalid=bool(cfg.DATASETS.get("SKIP_INVALID", False)))
+                            skip_invalid=cfg.DATASETS.SKIP_INVALID)
     return dataset, num_classes
