@@ -133,7 +133,7 @@ def run_devis(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> N
     model.to(device=device, dtype=dtype)
 
     clip = fixture_clip(fx["seed_input"], fx["input_shape"]).to(device=device, dtype=dtype)
-    samples = NestedTensor(clip, torch.zeros(clip.shape[0], *clip.shape[-2:], dtype=torch.bool))
+    samples = NestedTensor(clip, torch.zeros(clip.shape[0], *clip.shape[-2:], dtype=torch.bool, device=clip.device))
     exp = fx["expected"]
     model.eval()
     with torch.no_grad():
