@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import re
 import zlib
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -59,3 +61,17 @@ def fixture_clip(seed_input: int, input_shape: Iterable[int]) -> Tensor:
     """DeVIS fixture clip (T, 3, H, W) float64: RandomState(seed_input).standard_normal(input_shape)."""
     shape = tuple(int(s) for s in input_shape)
     return torch.from_numpy(np.random.RandomState(seed_input).standard_normal(shape))
+
+
+def official_shapes(listing: str | Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape from a ``state_dict_*.txt`` listing (lines ``key (d0, d1, ...) kind requires_grad``,
+    made by instantiating the official model on CPU); ``#`` lines and blank lines are skipped."""
+    shapes = {}
+    for line in Path(listing).read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        m = re.match(r"(\S+) \(([^)]*)\)", line)
+        if m is None:
+            raise ValueError(f"{listing}: cannot read a key and shape from line {line!r}")
+        shapes[m.group(1)] = tuple(int(x) for x in m.group(2).replace(",", " ").split())
+    return shapes

@@ -1,7 +1,6 @@
 """Checkpoints: official key layouts load strictly, round trips, legacy files, conversions, loud mismatches."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from devis_core.checkpoint import (CheckpointError, CheckpointMismatchError, che
                                    load_model_weights, read_checkpoint, save_checkpoint, shift_class_neurons)
 from devis_core.config import load_config
 from devis_core.models import build_model
-from devis_core.testing import regenerated_state_dict
+from devis_core.testing import official_shapes, regenerated_state_dict
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 TINY = ["MODEL.HIDDEN_DIM", "128", "MODEL.NUM_QUERIES", "10", "MODEL.DIM_FEEDFORWARD", "64",
@@ -25,23 +24,12 @@ def tiny(*extra):
     return build_model(load_config(None, TINY + list(extra)), 5, load_weights=False)
 
 
-def official_shapes(name: str) -> dict[str, tuple]:
-    """key -> shape from a reference/state_dict_*.txt listing (official model instantiated on CPU)."""
-    shapes = {}
-    for line in (REFERENCE / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        m = re.match(r"(\S+) \(([^)]*)\)", line)
-        shapes[m.group(1)] = tuple(int(x) for x in m.group(2).replace(",", " ").split())
-    return shapes
-
-
 @pytest.mark.parametrize("listing,yaml", [
     ("state_dict_deformable_detr_R_50.txt", "configs/deformable_detr/deformable_detr_R_50.yaml"),
     ("state_dict_deformable_mask_head_R_50.txt", "configs/deformable_mask_head/deformable_mask_head_R_50.yaml"),
 ])
 def test_official_full_size_state_dicts_load_strictly(listing, yaml):
-    shapes = official_shapes(listing)
+    shapes = official_shapes(REFERENCE / listing)
     model = build_model(load_config(yaml), 91, load_weights=False)
     official = regenerated_state_dict(shapes, seed=7)
     check_state_dict(model, official, listing)

@@ -4,7 +4,6 @@ Numerical parity with the official code is in tests/test_parity.py (fixture devi
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from devis_core.config import load_config
 from devis_core.criterion import build_criterion
 from devis_core.models import DeVIS, build_model, clip_topk
 from devis_core.models.nested import NestedTensor
-from devis_core.testing import regenerated_state_dict
+from devis_core.testing import official_shapes, regenerated_state_dict
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 T = 3
@@ -57,16 +56,6 @@ def clip_targets(size=(48, 64)) -> list[dict]:
              "masks": masks, "size": torch.tensor(size), "orig_size": torch.tensor(size)}]
 
 
-def official_shapes(name: str) -> dict[str, tuple]:
-    shapes = {}
-    for line in (REFERENCE / name).read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        m = re.match(r"(\S+) \(([^)]*)\)", line)
-        shapes[m.group(1)] = tuple(int(x) for x in m.group(2).replace(",", " ").split())
-    return shapes
-
-
 # ------------------------------------------------------------------------------------------------
 # official checkpoints
 
@@ -74,7 +63,7 @@ def official_shapes(name: str) -> dict[str, tuple]:
 @pytest.mark.parametrize("name,classes", [("YT-19", 40), ("YT-21", 40), ("OVIS", 25)])
 def test_official_devis_state_dicts_load_strictly(name, classes):
     listing = f"state_dict_devis_R_50_{name}.txt"
-    shapes = official_shapes(listing)
+    shapes = official_shapes(REFERENCE / listing)
     assert len(shapes) == 704
     model = build_model(load_config(f"configs/devis/{name}/devis_R_50_{name}.yaml"), classes, load_weights=False)
     official = regenerated_state_dict(shapes, seed=11)

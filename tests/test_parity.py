@@ -50,24 +50,32 @@ def check_checksums(state_dict: dict, checksums: dict) -> None:
             f"checksum of {k}: ours ({ours_s}, {ours_a}) vs fixture ({s}, {a})")
 
 
-def run_maskhead(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> None:
+def build_with_official_weights(fx: dict, device: str, dtype: torch.dtype):
+    """The fixture's config and model, with the regenerated official weights loaded through the
+    official-checkpoint path (official names -> conversion -> strict load) after checking their checksums."""
     from devis_core.checkpoint import check_state_dict, convert_state_dict
+    from devis_core.models import build_model
+
+    cfg = load_config(fx["yaml"], fx["overrides"])
+    model = build_model(cfg, fx["num_classes"], load_weights=False)
+    official = regenerated_state_dict({k: v.shape for k, v in model.state_dict().items()}, fx["seed"])
+    check_checksums(official, fx["checksums"])
+    source = f"regenerated official {fx['kind']} weights"
+    sd = convert_state_dict(model, official, source=source)
+    check_state_dict(model, sd, source)
+    model.load_state_dict(sd, strict=True)
+    return cfg, model.to(device=device, dtype=dtype)
+
+
+def run_maskhead(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> None:
     from devis_core.criterion import build_criterion
-    from devis_core.models import build_model, nested_tensor_from_tensor_list
+    from devis_core.models import nested_tensor_from_tensor_list
 
     # The fixture was computed in float64; a float32 run (e.g. the CUDA kernel) uses the README's float32 bounds.
     dtype_name = dtype_name or fx["dtype"]
     dtype = getattr(torch, dtype_name)
     tol = TOLERANCE[dtype_name]
-    cfg = load_config(fx["yaml"], fx["overrides"])
-    model = build_model(cfg, fx["num_classes"], load_weights=False)
-    # Weights through the official-checkpoint path: official names -> conversion -> strict load.
-    official = regenerated_state_dict({k: v.shape for k, v in model.state_dict().items()}, fx["seed"])
-    check_checksums(official, fx["checksums"])
-    sd = convert_state_dict(model, official, source="regenerated official weights")
-    check_state_dict(model, sd, "regenerated official weights")
-    model.load_state_dict(sd, strict=True)
-    model.to(device=device, dtype=dtype)
+    cfg, model = build_with_official_weights(fx, device, dtype)
 
     samples = nested_tensor_from_tensor_list([im.to(dtype) for im in fixture_images(fx["seed_input"],
                                                                                     fx["image_sizes"])]).to(device)
@@ -114,23 +122,14 @@ def run_maskhead(fx: dict, device: str = "cpu", dtype_name: str | None = None) -
 
 
 def run_devis(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> None:
-    from devis_core.checkpoint import check_state_dict, convert_state_dict
     from devis_core.criterion import build_criterion
-    from devis_core.models import build_model
     from devis_core.models.nested import NestedTensor
 
     # The fixture was computed in float64; a float32 run (e.g. the CUDA kernel) uses the README's float32 bounds.
     dtype_name = dtype_name or fx["dtype"]
     dtype = getattr(torch, dtype_name)
     tol = TOLERANCE[dtype_name]
-    cfg = load_config(fx["yaml"], fx["overrides"])
-    model = build_model(cfg, fx["num_classes"], load_weights=False)
-    official = regenerated_state_dict({k: v.shape for k, v in model.state_dict().items()}, fx["seed"])
-    check_checksums(official, fx["checksums"])
-    sd = convert_state_dict(model, official, source="regenerated official DeVIS weights")
-    check_state_dict(model, sd, "regenerated official DeVIS weights")
-    model.load_state_dict(sd, strict=True)
-    model.to(device=device, dtype=dtype)
+    cfg, model = build_with_official_weights(fx, device, dtype)
 
     clip = fixture_clip(fx["seed_input"], fx["input_shape"]).to(device=device, dtype=dtype)
     samples = NestedTensor(clip, torch.zeros(clip.shape[0], *clip.shape[-2:], dtype=torch.bool, device=clip.device))
