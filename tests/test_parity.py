@@ -67,8 +67,21 @@ def build_with_official_weights(fx: dict, device: str, dtype: torch.dtype):
     return cfg, model.to(device=device, dtype=dtype)
 
 
-def run_maskhead(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> None:
+def check_losses(fx: dict, cfg, out: dict, targets: list, rel: float) -> None:
+    """Our criterion on the model's training outputs against the fixture's loss dict, weights and total."""
     from devis_core.criterion import build_criterion
+
+    criterion = build_criterion(cfg, fx["num_classes"])
+    losses = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in criterion(out, targets).items()}
+    assert set(losses) == set(fx["losses"]), f"loss keys: ours {sorted(losses)} vs {sorted(fx['losses'])}"
+    for k, v in fx["losses"].items():
+        assert abs(float(losses[k]) - v) <= rel * max(abs(v), 1e-12), f"{k}: ours {float(losses[k])} vs {v}"
+    assert criterion.weight_dict == fx["loss_weights"]
+    total = float(criterion.total_loss(losses))
+    assert abs(total - fx["loss_total"]) <= rel * abs(fx["loss_total"])
+
+
+def run_maskhead(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> None:
     from devis_core.models import nested_tensor_from_tensor_list
 
     # The fixture was computed in float64; a float32 run (e.g. the CUDA kernel) uses the README's float32 bounds.
@@ -111,18 +124,10 @@ def run_maskhead(fx: dict, device: str = "cpu", dtype_name: str | None = None) -
     out = model(samples, targets)
     for b, ((src, tgt), (esrc, etgt)) in enumerate(zip(out["indices"], fx["matcher_indices"])):
         assert torch.equal(src.cpu(), esrc) and torch.equal(tgt.cpu(), etgt), f"matcher indices of image {b} differ"
-    criterion = build_criterion(cfg, fx["num_classes"])
-    losses = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in criterion(out, targets).items()}
-    assert set(losses) == set(fx["losses"]), f"loss keys: ours {sorted(losses)} vs {sorted(fx['losses'])}"
-    for k, v in fx["losses"].items():
-        assert abs(float(losses[k]) - v) <= tol["loss"] * max(abs(v), 1e-12), f"{k}: ours {float(losses[k])} vs {v}"
-    assert criterion.weight_dict == fx["loss_weights"]
-    total = float(criterion.total_loss(losses))
-    assert abs(total - fx["loss_total"]) <= tol["loss"] * abs(fx["loss_total"])
+    check_losses(fx, cfg, out, targets, tol["loss"])
 
 
 def run_devis(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> None:
-    from devis_core.criterion import build_criterion
     from devis_core.models.nested import NestedTensor
 
     # The fixture was computed in float64; a float32 run (e.g. the CUDA kernel) uses the README's float32 bounds.
@@ -166,14 +171,7 @@ def run_devis(fx: dict, device: str = "cpu", dtype_name: str | None = None) -> N
     (esrc, etgt, evalid), = fx["matcher_indices"]
     assert torch.equal(src.cpu(), esrc) and torch.equal(tgt.cpu(), etgt), "clip matcher indices differ"
     assert torch.equal(targets[0]["valid"][tgt].bool().cpu(), evalid.bool()), "matched valid flags differ"
-    criterion = build_criterion(cfg, fx["num_classes"])
-    losses = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in criterion(out, targets).items()}
-    assert set(losses) == set(fx["losses"]), f"loss keys: ours {sorted(losses)} vs {sorted(fx['losses'])}"
-    for k, v in fx["losses"].items():
-        assert abs(float(losses[k]) - v) <= tol["loss"] * max(abs(v), 1e-12), f"{k}: ours {float(losses[k])} vs {v}"
-    assert criterion.weight_dict == fx["loss_weights"]
-    total = float(criterion.total_loss(losses))
-    assert abs(total - fx["loss_total"]) <= tol["loss"] * abs(fx["loss_total"])
+    check_losses(fx, cfg, out, targets, tol["loss"])
 
 
 def run_tracker(fx: dict) -> None:
