@@ -10,13 +10,13 @@ import argparse
 import dataclasses
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import Tensor, nn
+from devis_core.fileio import atomic_write
 
 # source layout -> list of (prefix in the file, prefix in our model); keys matching a drop prefix vanish.
 KEY_MAP: dict[str, dict[str, tuple]] = {
@@ -372,13 +372,94 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer=None, l
     if cfg is not None:
         obj["cfg"] = cfg.dump()  # text, so the file loads with weights_only=True
     obj.update(extra)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy_format)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp, _use_new_zipfile_serialization=not legacy_format))
     return path
+
+
+# --- training state (resume) -------------------------------------------------------------------------
+
+LAST_CHECKPOINT = "checkpoint.pth"
+
+
+def rng_states() -> dict:
+    """Every RNG the training loop draws from (python, numpy, torch CPU, CUDA), in a form that loads with
+    ``weights_only=True`` (tensors, ints, tuples)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype("int64")), int(pos),
+                                                   int(has_gauss), float(cached)),
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(states: Mapping) -> None:
+    """Restore what :func:`rng_states` returned (CUDA states only when both sides have CUDA)."""
+    import random
+
+    import numpy as np
+
+    py = states["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_training_state(output_dir: str | os.PathLike, model: nn.Module, optimizer, lr_scheduler, epoch: int,
+                        iteration: int, cfg, epoch_complete: bool, best: dict | None = None,
+                        extra_names: tuple[str, ...] = (), rng: list | None = None) -> Path:
+    """Write ``OUTPUT_DIR/checkpoint.pth`` (atomically) with everything an exact resume needs: model,
+    optimiser, scheduler, epoch, ``iteration`` (batches of ``epoch`` done), ``epoch_complete``, RNG states,
+    config text and ``best`` ({'AP': ..., 'epoch': ...}). ``rng``: one :func:`rng_states` per rank (default:
+    this process's only). ``extra_names`` are further file names in ``output_dir`` that get the same
+    content (e.g. ``checkpoint_epoch_3.pth``). Returns the main path."""
+    out = Path(output_dir)
+    path = save_checkpoint(out / LAST_CHECKPOINT, model, optimizer, lr_scheduler, epoch, cfg,
+                           iteration=int(iteration), epoch_complete=bool(epoch_complete),
+                           rng=list(rng) if rng is not None else [rng_states()],
+                           best=dict(best or {}))
+    for name in extra_names:
+        save_checkpoint(out / name, model, optimizer, lr_scheduler, epoch, cfg, iteration=int(iteration),
+                        epoch_complete=bool(epoch_complete), best=dict(best or {}))
+    return path
+
+
+def load_training_state(path: str | os.PathLike, model: nn.Module, optimizer=None, lr_scheduler=None,
+                        restore_rng: bool = True, rank: int = 0) -> dict:
+    """Load a :func:`save_training_state` file into ``model`` (strict), ``optimizer`` and ``lr_scheduler``
+    and restore this ``rank``'s RNG states. Returns {'epoch', 'iteration', 'epoch_complete', 'best', 'cfg'}.
+
+    Raises ``CheckpointError`` naming the file and the missing entry when it is not a training checkpoint.
+    """
+    obj = read_checkpoint(path)
+    for key in ("model", "epoch", "iteration", "epoch_complete"):
+        if key not in obj:
+            raise CheckpointError(f"{path}: entry {key!r} is missing; expected a training checkpoint written "
+                                  "by devis_core.train (model, optimizer, lr_scheduler, epoch, iteration, rng)")
+    sd = extract_state_dict(obj, str(path))
+    check_state_dict(model, sd, str(path))
+    model.load_state_dict(sd, strict=False)  # strictness checked above, num_batches_tracked aside
+    if optimizer is not None:
+        if "optimizer" not in obj:
+            raise CheckpointError(f"{path}: entry 'optimizer' is missing; cannot resume the optimiser")
+        optimizer.load_state_dict(obj["optimizer"])
+    if lr_scheduler is not None:
+        if "lr_scheduler" not in obj:
+            raise CheckpointError(f"{path}: entry 'lr_scheduler' is missing; cannot resume the schedule")
+        lr_scheduler.load_state_dict(obj["lr_scheduler"])
+    if restore_rng and obj.get("rng"):
+        states = obj["rng"]
+        if rank >= len(states):
+            raise CheckpointError(f"{path}: holds RNG states of {len(states)} process(es), rank {rank} has none; "
+                                  "resume with the same number of processes (or restore_rng=False)")
+        set_rng_states(states[rank])
+    return {"epoch": int(obj["epoch"]), "iteration": int(obj["iteration"]),
+            "epoch_complete": bool(obj["epoch_complete"]), "best": dict(obj.get("best") or {}),
+            "cfg": obj.get("cfg", "")}

@@ -16,12 +16,13 @@ from __future__ import annotations
 import ast
 import difflib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
+
+from devis_core.fileio import atomic_write_text
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -189,6 +190,24 @@ PROJECT_KEYS: list[tuple[str, Any, str]] = [
     ("INPUT.DEVIS.BGR_TRAINING", False,
      "Feed BGR-ordered frames during VIS training, as the official code did (cv2.imread without a "
      "conversion, spec §6.2). Off: RGB, like inference and the COCO stages. Inference is always RGB."),
+    ("SOLVER.AMP", False,
+     "Train (and evaluate) under bfloat16 autocast; the criterion and matcher stay float32. Off: float32 "
+     "everywhere, as the official training."),
+    ("SOLVER.SKIP_NONFINITE_STEPS", False,
+     "When the loss is NaN or infinite on any rank, skip that optimiser step (logged) instead of stopping "
+     "the run with an error (the last complete checkpoint is kept either way)."),
+    ("SOLVER.CHECKPOINT_ITERS", 0,
+     "Also write OUTPUT_DIR/checkpoint.pth every N iterations inside an epoch (0: only after each epoch), so "
+     "--resume continues mid-epoch."),
+    ("SOLVER.MAX_ITERS_PER_EPOCH", 0,
+     "Cap the iterations of each epoch (0: the whole dataset). For smoke runs and tests."),
+    ("SOLVER.DETERMINISTIC", False,
+     "Ask torch for deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic). With "
+     "it, a resumed run reproduces an uninterrupted one."),
+    ("TEST.VAL_LOSS_CLIPS", 16,
+     "Video datasets: number of validation clips (evenly spaced, resized like the test input, no "
+     "augmentation) on which the validation loss is computed at each evaluation; 0 turns it off. Image "
+     "datasets compute it on every validation batch."),
 ]
 
 
@@ -424,17 +443,7 @@ def load_config(config_file: str | os.PathLike | None = None, overrides: Iterabl
 
 def save_config(cfg: CN, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(cfg.dump())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, cfg.dump())
 
 
 def add_config_arguments(parser) -> None:

@@ -27,7 +27,6 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -35,6 +34,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pycocotools.mask as mask_utils
 from pycocotools.cocoeval import COCOeval
+from devis_core.fileio import atomic_write_text
 
 __all__ = [
     "STAT_NAMES",
@@ -462,18 +462,7 @@ def format_metrics(metrics: dict) -> str:
 
 def write_metrics(path: str, metrics: dict) -> None:
     """Write the metrics as JSON atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(metrics, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(metrics, indent=1) + "\n")
 
 
 def build_evaluator(cfg, annotation_file: str | None = None) -> VideoInstanceEvaluator:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zipfile
 from typing import Iterable, Sequence
+
+from devis_core.fileio import atomic_write
 
 RESULTS_NAME = "results.json"
 ZIP_NAME = "results.zip"
@@ -57,17 +58,6 @@ def merge_results(per_video: Iterable[Sequence[dict]]) -> list[dict]:
     return merged
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_results(results: Sequence[dict], out_dir: str | os.PathLike) -> tuple[str, str]:
@@ -91,8 +81,8 @@ def write_results(results: Sequence[dict], out_dir: str | os.PathLike) -> tuple[
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(RESULTS_NAME, text)
 
-    _atomic_write(json_path, write_json)
-    _atomic_write(zip_path, write_zip)
+    atomic_write(json_path, write_json)
+    atomic_write(zip_path, write_zip)
     return json_path, zip_path
 
 

@@ -300,6 +300,28 @@ def test_errors_name_the_argument():
         ms_deform_attn_reference(value, shapes, starts, lc, ac, None, None, default_temporal_frames(3))
 
 
+def test_remembered_checks_see_in_place_edits_and_new_tensors():
+    # the integer-input checks are cached per tensor object; an in-place edit or a new tensor with
+    # bad contents must still be caught
+    value, shapes, starts, lc, ac, lt, at = _inputs(T=3, Q=2, M=2, D=2, shapes=[(3, 4)], Pc=1, Pt=1, seed=11)
+    frames = default_temporal_frames(3)
+    ms_deform_attn_reference(value, shapes, starts, lc, ac, lt, at, frames)      # passes, remembered
+    ms_deform_attn_reference(value, shapes, starts, lc, ac, lt, at, frames)      # cache hit
+    frames[1, 0] = 5
+    with pytest.raises(ValueError, match="temporal_frames: entries must lie in \\[0, 2\\], got range \\[0, 5\\]"):
+        ms_deform_attn_reference(value, shapes, starts, lc, ac, lt, at, frames)
+    frames[1, 0] = 0
+    ms_deform_attn_reference(value, shapes, starts, lc, ac, lt, at, frames)
+    starts += 1
+    with pytest.raises(ValueError, match="level_start_index: expected the cumulative level sizes \\[0\\], got \\[1\\]"):
+        ms_deform_attn_reference(value, shapes, starts, lc, ac, lt, at, frames)
+    starts -= 1
+    shapes[0, 0] = 0
+    with pytest.raises(ValueError, match="spatial_shapes: expected positive"):
+        ms_deform_attn_reference(value, shapes, starts, lc, ac, lt, at, frames)
+    with pytest.raises(ValueError, match="spatial_shapes: expected sum of H_l\\*W_l equal to value.shape\\[1\\] = 12, got 10"):
+        ms_deform_attn_reference(value, torch.tensor([[2, 5]]), starts, lc, ac, lt, at, frames)
+
 def test_parity_sized_clip_is_fast_enough_on_cpu():
     # the DeVIS parity fixture: T=4, 96x160 input -> levels 12x20, 6x10, 3x5, 2x3 (S=321), 8 heads
     value, shapes, starts, lc, ac, lt, at = _inputs(T=4, Q=321, M=8, D=32, shapes=[(12, 20), (6, 10), (3, 5), (2, 3)],

@@ -140,6 +140,8 @@ def official_call_pattern(value, spatial_shapes, level_start_index, loc_current,
     for t in range(T):
         cur = ms_deform_attn(value[t:t + 1], spatial_shapes, level_start_index, loc_current[t:t + 1],
                              attn_current[t:t + 1], backend=backend)
+        # advanced indexing materialises the (W, S, M, D) copy, as the official code's
+        # concatenation of the other frames does: that copy is part of the pattern's cost
         gathered = value[temporal_frames[t]].reshape(1, W * S, M, D)
         tmp = ms_deform_attn(gathered, shapes_rep, starts_rep,
                              loc_temporal[t:t + 1].reshape(1, Q, M, W * L, Pt, 2),

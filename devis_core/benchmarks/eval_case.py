@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
 import pycocotools.mask as mask_utils
+from devis_core.fileio import atomic_write
 
 __all__ = ["ellipse_rle", "make_eval_case", "write_eval_case"]
 
@@ -149,16 +149,7 @@ def make_eval_case(num_videos: int = 300, num_frames: int = 36, size: tuple[int,
 
 
 def _atomic_json(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: json.dump(obj, fh, separators=(",", ":")), mode="w")
 
 
 def write_eval_case(folder: str, **kwargs) -> tuple[str, str]:

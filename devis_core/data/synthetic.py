@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
+from devis_core.fileio import atomic_write_bytes
 
 __all__ = [
     "SHAPES",
@@ -253,12 +254,6 @@ def render_scene(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- file I/O
 
-def _atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def _json_bytes(obj: object) -> bytes:
@@ -328,7 +323,7 @@ def _prepare_root(root: str, settings: dict, owned: list[str], outputs: list[str
     elif os.path.isdir(root) and os.listdir(root):
         raise FileExistsError(f"{root} exists, is not empty and has no {MANIFEST_NAME}: refusing to overwrite "
                               f"data this generator did not write (choose another name or data path)")
-    _atomic_write(manifest_path, _json_bytes(settings))
+    atomic_write_bytes(manifest_path, _json_bytes(settings))
     return False
 
 
@@ -401,13 +396,13 @@ def _write_vis_split(root: str, split: str, num_videos: int, frames: tuple[int, 
         # YouTube-VIS names frames by their index in the 30 fps source, annotated every 5th frame.
         file_names = [f"{name}/{5 * t:05d}.jpg" for t in range(length)]
         for t in range(length):
-            _atomic_write(os.path.join(image_dir, file_names[t]), _jpeg_bytes(pixels[t]))
+            atomic_write_bytes(os.path.join(image_dir, file_names[t]), _jpeg_bytes(pixels[t]))
         videos.append({"id": video_id, "width": width, "height": height, "length": length,
                        "file_names": file_names, "name": name})
         annotations.extend(scene_annotations(scene, visible, video_id, len(annotations) + 1))
     data = {"info": _info("YouTube-VIS", settings), "licenses": [], "videos": videos,
             "annotations": annotations, "categories": synthetic_categories(num_categories)}
-    _atomic_write(os.path.join(root, split, "instances.json"), _json_bytes(data))
+    atomic_write_bytes(os.path.join(root, split, "instances.json"), _json_bytes(data))
 
 
 def make_synthetic_vis(data_path: str, name: str = "synthetic_vis", *, num_videos: tuple[int, int] = (24, 8),
@@ -443,7 +438,7 @@ def make_synthetic_vis(data_path: str, name: str = "synthetic_vis", *, num_video
         os.makedirs(paths[f"{split}_image_root"], exist_ok=True)
         _write_vis_split(root, split, num_videos[code], frames, size, int(num_categories), objects, int(seed),
                          settings)
-    _atomic_write(os.path.join(root, COMPLETE_MARKER), _json_bytes(settings))
+    atomic_write_bytes(os.path.join(root, COMPLETE_MARKER), _json_bytes(settings))
     return paths
 
 
@@ -455,7 +450,7 @@ def _write_coco_split(root: str, split: str, num_images: int, size: tuple[int, i
         image_id = i + 1
         pixels, visible, _ = render_scene(scene)
         file_name = f"{image_id:012d}.jpg"
-        _atomic_write(os.path.join(root, split, file_name), _jpeg_bytes(pixels[0]))
+        atomic_write_bytes(os.path.join(root, split, file_name), _jpeg_bytes(pixels[0]))
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for n, obj in enumerate(scene.objects):
             if visible[n, 0].sum() < MIN_VISIBLE_PIXELS:
@@ -465,7 +460,7 @@ def _write_coco_split(root: str, split: str, num_images: int, size: tuple[int, i
                                 "segmentation": rle, "bbox": box, "area": area, "iscrowd": 0})
     data = {"info": _info("COCO", settings), "licenses": [], "images": images, "annotations": annotations,
             "categories": synthetic_categories(num_categories)}
-    _atomic_write(os.path.join(root, "annotations", f"instances_{split}.json"), _json_bytes(data))
+    atomic_write_bytes(os.path.join(root, "annotations", f"instances_{split}.json"), _json_bytes(data))
 
 
 def make_synthetic_coco(data_path: str, name: str = "synthetic_coco", *, num_images: tuple[int, int] = (64, 16),
@@ -496,5 +491,5 @@ def make_synthetic_coco(data_path: str, name: str = "synthetic_coco", *, num_ima
         os.makedirs(paths[f"{split}_image_root"], exist_ok=True)
         _write_coco_split(root, f"{split}2017", num_images[code], size, int(num_categories), objects, int(seed),
                           settings)
-    _atomic_write(os.path.join(root, COMPLETE_MARKER), _json_bytes(settings))
+    atomic_write_bytes(os.path.join(root, COMPLETE_MARKER), _json_bytes(settings))
     return paths

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from devis_core.attention import ms_deform_attn
+from devis_core.attention import default_temporal_frames, ms_deform_attn
 
 
 def sampling_locations(reference_points: Tensor, offsets: Tensor, spatial_shapes: Tensor) -> Tensor:
@@ -56,6 +56,9 @@ class MSDeformAttn(nn.Module):
     (m, l, p, xy)), ``attention_weights`` (C -> M*L*P), ``value_proj``, ``output_proj``, and with the
     temporal branch ``temporal_sampling_offsets`` (C -> M*W*L*P_t*2, layout (m, w, l, p, xy)) and
     ``temporal_attention_weights`` (C -> M*W*L*P_t).
+
+    With ``capture`` set (``devis_core.attention_maps.capture_attention``) each forward leaves its final
+    sampling locations, attention weights and references in ``last_attention`` (see ``_record``).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
@@ -69,6 +72,10 @@ class MSDeformAttn(nn.Module):
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.temporal_points, self.num_temporal_frames = temporal_points, num_temporal_frames
         self.backend = backend
+        # Opt-in record of the last forward's locations and weights for attention maps
+        # (devis_core.attention_maps.capture_attention); off, it costs one attribute test per forward.
+        self.capture = False
+        self.last_attention: dict[str, Tensor] | None = None
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         if self.has_temporal:
@@ -136,6 +143,8 @@ class MSDeformAttn(nn.Module):
         loc = sampling_locations(reference_points, offsets, spatial_shapes)
         if not self.has_temporal:
             attn = F.softmax(logits, -1).view(t, q, m, lv, p)
+            if self.capture:
+                self._record(loc, attn, reference_points)
             out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn, backend=self.backend)
             return self.output_proj(out)
 
@@ -150,6 +159,23 @@ class MSDeformAttn(nn.Module):
         attn = joint[..., : lv * p].reshape(t, q, m, lv, p)
         t_attn = joint[..., lv * p:].reshape(t, q, m, w, lv, pt)
         t_loc = sampling_locations(temporal_reference_points, t_offsets, spatial_shapes)
+        if self.capture:
+            if temporal_frames is None:
+                temporal_frames = default_temporal_frames(t, query.device)
+            self._record(loc, attn, reference_points, t_loc, t_attn, temporal_reference_points, temporal_frames)
         out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn, t_loc, t_attn,
                              temporal_frames, backend=self.backend)
         return self.output_proj(out)
+
+    def _record(self, loc: Tensor, attn: Tensor, reference_points: Tensor, t_loc: Tensor | None = None,
+                t_attn: Tensor | None = None, temporal_reference_points: Tensor | None = None,
+                temporal_frames: Tensor | None = None) -> None:
+        """Keep what the op was given, detached, in ``last_attention``: locations (T, Q, M, L, P, 2),
+        weights (T, Q, M, L, P), references (T, Q, L, 2|4) and, with the temporal branch,
+        temporal_locations (T, Q, M, W, L, P_t, 2), temporal_weights (T, Q, M, W, L, P_t),
+        temporal_references (T, Q, W, L, 2|4), temporal_frames (T, W)."""
+        record = {"locations": loc, "weights": attn, "references": reference_points}
+        if t_loc is not None:
+            record.update(temporal_locations=t_loc, temporal_weights=t_attn,
+                          temporal_references=temporal_reference_points, temporal_frames=temporal_frames)
+        self.last_attention = {k: v.detach() for k, v in record.items()}

@@ -5,12 +5,15 @@
 // the frames temporal_frames[t, w], addressing them by index in the (T, S, M, D) value tensor, so no
 // per-frame loop and no gathered copy of the other frames exist.
 //
-// Work split: one warp per (t, q, m). A lane holds 4 consecutive channels, so G = D/4 lanes cover
-// one head and a warp treats 32/G samples at once; lanes first load 32 samples' (x, y, weight)
-// coalesced and hand them to the sample groups by shuffle. Accumulation is always float32.
-// Backward: value gradients by (vector) atomics into a float32 buffer; location and weight
-// gradients by shuffle reductions inside the group, staged in shared memory so the stores of a
-// 32-sample chunk are coalesced.
+// Work split: one warp per (t, q, m). A lane holds the C channels of one 16-byte load (C = 4 for
+// float32, 8 for float16/bfloat16), so G = D/C lanes cover one head and a warp treats NG = 32/G
+// samples at once; lanes first compute the footprints of 32 samples (one each) and hand them to
+// the sample groups by shuffle. Accumulation is always float32.
+// Backward: value gradients by 16-byte vector atomics into a float32 buffer (each instruction of a
+// lane group covering one contiguous run); the location and
+// weight gradients of the G samples a group handled are summed over its G lanes by a transposed
+// (recursive-halving) reduction, which leaves lane j of the group with sample j's sums: 3(G-1)
+// shuffles per G samples instead of 3 log2(G) per sample, and the stores stay coalesced.
 //
 // Kept in one translation unit (bindings included) so the JIT build compiles a single file.
 
@@ -20,81 +23,113 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <numeric>
+
+// Launch tuning (swept with ops/tune_launch.py on an H100, results in ops/README.md): warps per
+// block, the minimum resident blocks per SM given to __launch_bounds__ (it caps the registers:
+// 4 -> 64 registers, 50% occupancy, was the fastest forward; the backward needs 2 -> 128 to avoid
+// heavy spills), and the samples whose corner loads one lane group issues before using them.
+#ifndef DEVIS_WARPS_PER_BLOCK
+#define DEVIS_WARPS_PER_BLOCK 8
+#endif
+#ifndef DEVIS_FWD_MIN_BLOCKS
+#define DEVIS_FWD_MIN_BLOCKS 4
+#endif
+#ifndef DEVIS_BWD_MIN_BLOCKS
+#define DEVIS_BWD_MIN_BLOCKS 2
+#endif
+#ifndef DEVIS_FWD_BATCH
+#define DEVIS_FWD_BATCH 2
+#endif
+#ifndef DEVIS_TILE_SWIZZLE
+#define DEVIS_TILE_SWIZZLE 1
+#endif
+#ifndef DEVIS_BWD_BATCH
+#define DEVIS_BWD_BATCH 2
+#endif
 
 namespace {
 
 constexpr int kMaxLevels = 32;   // W*L pseudo-levels of the official call pattern fit too
-constexpr int kWarpsPerBlock = 8;
+constexpr int kWarpsPerBlock = DEVIS_WARPS_PER_BLOCK;
 constexpr int kThreads = 32 * kWarpsPerBlock;
 constexpr unsigned kFull = 0xffffffffu;
 
-// ---- four channels of one dtype <-> float4 ------------------------------------------------------
+// ---- one 16-byte vector of a dtype <-> C floats ----------------------------------------------------
 
-template <typename T> struct Quad;
+template <typename T> struct Vec;
 
-template <> struct Quad<float> {
-  __device__ __forceinline__ static float4 load(const float* p) {
-    return __ldg(reinterpret_cast<const float4*>(p));
+template <> struct Vec<float> {
+  static constexpr int C = 4;
+  __device__ __forceinline__ static void unpack(const uint4& r, float (&f)[C]) {
+    f[0] = __uint_as_float(r.x); f[1] = __uint_as_float(r.y);
+    f[2] = __uint_as_float(r.z); f[3] = __uint_as_float(r.w);
   }
-  __device__ __forceinline__ static void store(float* p, float4 v) {
-    *reinterpret_cast<float4*>(p) = v;
+  __device__ __forceinline__ static uint4 pack(const float (&f)[C]) {
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                      __float_as_uint(f[3]));
   }
 };
 
-template <> struct Quad<at::Half> {
-  __device__ __forceinline__ static float4 load(const at::Half* p) {
-    uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
-    float2 a = __half22float2(*reinterpret_cast<__half2*>(&raw.x));
-    float2 b = __half22float2(*reinterpret_cast<__half2*>(&raw.y));
-    return make_float4(a.x, a.y, b.x, b.y);
+// Two halves of a 32-bit word <-> two floats, for the 16-bit types.
+template <typename H2> struct Pair;
+template <> struct Pair<__half2> {
+  __device__ __forceinline__ static float2 get(unsigned u) {
+    __half2 h = *reinterpret_cast<__half2*>(&u);
+    return __half22float2(h);
   }
-  __device__ __forceinline__ static void store(at::Half* p, float4 v) {
-    __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
-    uint2 raw;
-    raw.x = *reinterpret_cast<unsigned*>(&a);
-    raw.y = *reinterpret_cast<unsigned*>(&b);
-    *reinterpret_cast<uint2*>(p) = raw;
+  __device__ __forceinline__ static unsigned put(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+template <> struct Pair<__nv_bfloat162> {
+  __device__ __forceinline__ static float2 get(unsigned u) {
+    // a bfloat16 is the upper half of a float: two shifts, no conversion instruction
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+  }
+  __device__ __forceinline__ static unsigned put(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<unsigned*>(&h);
   }
 };
 
-template <> struct Quad<at::BFloat16> {
-  __device__ __forceinline__ static float4 load(const at::BFloat16* p) {
-    uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
-    float2 a = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.x));
-    float2 b = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.y));
-    return make_float4(a.x, a.y, b.x, b.y);
+template <typename H2> struct Vec16 {
+  static constexpr int C = 8;
+  __device__ __forceinline__ static void unpack(const uint4& r, float (&f)[C]) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 p = Pair<H2>::get(w[i]);
+      f[2 * i] = p.x; f[2 * i + 1] = p.y;
+    }
   }
-  __device__ __forceinline__ static void store(at::BFloat16* p, float4 v) {
-    __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
-    uint2 raw;
-    raw.x = *reinterpret_cast<unsigned*>(&a);
-    raw.y = *reinterpret_cast<unsigned*>(&b);
-    *reinterpret_cast<uint2*>(p) = raw;
+  __device__ __forceinline__ static uint4 pack(const float (&f)[C]) {
+    return make_uint4(Pair<H2>::put(f[0], f[1]), Pair<H2>::put(f[2], f[3]), Pair<H2>::put(f[4], f[5]),
+                      Pair<H2>::put(f[6], f[7]));
   }
 };
+template <> struct Vec<at::Half> : Vec16<__half2> {};
+template <> struct Vec<at::BFloat16> : Vec16<__nv_bfloat162> {};
+
+template <typename T> __device__ __forceinline__ uint4 load16(const T* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
 
 template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
 template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
 
-__device__ __forceinline__ void atomic_add4(float* p, float4 v) {
+__device__ __forceinline__ void atomic_add4(float* p, float a, float b, float c, float d) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float4*>(p), v);   // one 16-byte reduction (sm_90+)
+  atomicAdd(reinterpret_cast<float4*>(p), make_float4(a, b, c, d));   // one 16-byte reduction (sm_90+)
 #else
-  atomicAdd(p, v.x); atomicAdd(p + 1, v.y); atomicAdd(p + 2, v.z); atomicAdd(p + 3, v.w);
+  atomicAdd(p, a); atomicAdd(p + 1, b); atomicAdd(p + 2, c); atomicAdd(p + 3, d);
 #endif
-}
-
-__device__ __forceinline__ void fma4(float4& acc, float w, float4 v) {
-  acc.x = fmaf(w, v.x, acc.x); acc.y = fmaf(w, v.y, acc.y);
-  acc.z = fmaf(w, v.z, acc.z); acc.w = fmaf(w, v.w, acc.w);
-}
-
-__device__ __forceinline__ float dot4(float4 a, float4 b) {
-  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
 struct Shape {
   int T, Q, S, M, L, Pc, W, Pt;
+  int tile_step;   // query tiles are visited in the order k * tile_step mod (number of tiles)
 };
 
 struct LevelTable {
@@ -181,22 +216,28 @@ __device__ __forceinline__ Corners receive(const Packed& p, int src, int MD, boo
   return c;
 }
 
+// Raw 16-byte corner vectors (zero where the corner is off the map); unpacked only when used, so
+// the 16-bit types keep half the registers in flight.
 template <typename scalar_t>
-__device__ __forceinline__ void load_corners(const scalar_t* vhead, const Corners& c, float4 (&v)[4]) {
+__device__ __forceinline__ void load_corners(const scalar_t* vhead, const Corners& c, uint4 (&v)[4]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
-    v[i] = (c.mask >> i & 1) ? Quad<scalar_t>::load(vhead + c.off[i]) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[i] = (c.mask >> i & 1) ? load16(vhead + c.off[i]) : make_uint4(0u, 0u, 0u, 0u);
 }
 
 // A block holds kWarpsPerBlock neighbouring queries of one head (one warp each): in the encoder
 // they are neighbouring pixels whose samples share cache lines, so they reuse each other's L1 lines.
-// Returns false for the padding warps of the last query tile.
+// Consecutive blocks take tiles tile_step apart (coprime to the tile count, about 0.62 of it), so
+// the blocks resident at one time are spread over the image rather than all reading (and, in the
+// backward, adding to) the same few coarse-level pixels. Measured on an H100 this neither clearly
+// helped nor hurt (ops/README.md); DEVIS_TILE_SWIZZLE=0 restores row order. Returns false for
+// the padding warps of the last tile.
 __device__ __forceinline__ bool locate_row(const Shape& sh, int warp_in_block, int& t, int& m, int64_t& row) {
   const int q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int64_t b = blockIdx.x;                      // = (t * q_tiles + tile) * M + m
   m = static_cast<int>(b % sh.M);
   const int64_t tt = b / sh.M;
-  const int tile = static_cast<int>(tt % q_tiles);
+  const int tile = static_cast<int>((tt % q_tiles) * sh.tile_step % q_tiles);
   t = static_cast<int>(tt / q_tiles);
   const int q = tile * kWarpsPerBlock + warp_in_block;
   if (t >= sh.T || q >= sh.Q) return false;
@@ -206,22 +247,23 @@ __device__ __forceinline__ bool locate_row(const Shape& sh, int warp_in_block, i
 
 // ---- forward --------------------------------------------------------------------------------------
 
-constexpr int kBatch = 2;   // samples whose corner loads one lane group issues together
-
-template <typename scalar_t, int G>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, int D>
+__global__ void __launch_bounds__(kThreads, DEVIS_FWD_MIN_BLOCKS)
 temporal_msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                              const int64_t* __restrict__ starts, const scalar_t* __restrict__ loc_c,
                              const scalar_t* __restrict__ attn_c, const scalar_t* __restrict__ loc_t,
                              const scalar_t* __restrict__ attn_t, const int64_t* __restrict__ frames,
                              scalar_t* __restrict__ out, Shape sh) {
-  constexpr int D = 4 * G;
-  constexpr int NG = 32 / G;   // sample groups per warp
+  using V = Vec<scalar_t>;
+  constexpr int C = V::C;
+  constexpr int G = D / C;         // lanes per sample
+  constexpr int NG = 32 / G;       // sample groups per warp
+  constexpr int B = DEVIS_FWD_BATCH < G ? DEVIS_FWD_BATCH : G;
   __shared__ LevelTable tab;
   load_levels(tab, shapes, starts, sh.L);
   __syncthreads();
 
-  const int lane = threadIdx.x & 31, grp = lane / G, chan = (lane % G) * 4;
+  const int lane = threadIdx.x & 31, grp = lane / G, chan = (lane % G) * C;
   int t, m;
   int64_t row;
   if (!locate_row(sh, threadIdx.x / 32, t, m, row)) return;
@@ -233,38 +275,62 @@ temporal_msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* 
   const scalar_t* at = nt ? attn_t + row * nt : nullptr;
   const scalar_t* vhead = value + m * D + chan;
 
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float acc[C];
+#pragma unroll
+  for (int j = 0; j < C; ++j) acc[j] = 0.f;
   for (int base = 0; base < ns; base += 32) {
     float wl, hl;
     const Packed mine = prepare(base + lane, nc, ns, t, sh, lc, ac, lt, at, frames, tab, MD, wl, hl);
 #pragma unroll
-    for (int k0 = 0; k0 < G; k0 += kBatch) {
-      Corners c[kBatch];
-      float4 v[kBatch][4];
+    for (int k0 = 0; k0 < G; k0 += B) {
+      Corners c[B];
+      uint4 v[B][4];
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
+      for (int b = 0; b < B; ++b) {
         c[b] = receive(mine, (k0 + b) * NG + grp, MD, true);
         load_corners(vhead, c[b], v[b]);
       }
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b)
+      for (int b = 0; b < B; ++b)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) fma4(acc, c[b].wt[i], v[b][i]);
+        for (int i = 0; i < 4; ++i) {
+          float f[C];
+          V::unpack(v[b][i], f);
+#pragma unroll
+          for (int j = 0; j < C; ++j) acc[j] = fmaf(c[b].wt[i], f[j], acc[j]);
+        }
     }
   }
   // fold the NG sample groups (lanes equal modulo G)
 #pragma unroll
-  for (int o = G; o < 32; o <<= 1) {
-    acc.x += __shfl_xor_sync(kFull, acc.x, o); acc.y += __shfl_xor_sync(kFull, acc.y, o);
-    acc.z += __shfl_xor_sync(kFull, acc.z, o); acc.w += __shfl_xor_sync(kFull, acc.w, o);
-  }
-  if (grp == 0) Quad<scalar_t>::store(out + row * D + chan, acc);
+  for (int o = G; o < 32; o <<= 1)
+#pragma unroll
+    for (int j = 0; j < C; ++j) acc[j] += __shfl_xor_sync(kFull, acc[j], o);
+  if (grp == 0) *reinterpret_cast<uint4*>(out + row * D + chan) = V::pack(acc);
 }
 
 // ---- backward -------------------------------------------------------------------------------------
 
-template <typename scalar_t, int G>
-__global__ void __launch_bounds__(kThreads)
+// r[k][0..2] of every lane of a G-lane group -> lane j of the group holds sum over the group of
+// r[j][0..2] in r[0][0..2]. Recursive halving: at step H a lane keeps the half of its first 2H
+// entries selected by bit H of its index and adds the partner's copy of that half. H is a template
+// argument so every register index is a compile-time constant (no local-memory array).
+template <int H, int G>
+__device__ __forceinline__ void transpose_reduce(float (&r)[G][3], int lane) {
+  const bool upper = lane & H;
+#pragma unroll
+  for (int i = 0; i < H; ++i)
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const float send = upper ? r[i][k] : r[i + H][k];
+      const float keep = upper ? r[i + H][k] : r[i][k];
+      r[i][k] = keep + __shfl_xor_sync(kFull, send, H);
+    }
+  if constexpr (H > 1) transpose_reduce<H / 2, G>(r, lane);
+}
+
+template <typename scalar_t, int D>
+__global__ void __launch_bounds__(kThreads, DEVIS_BWD_MIN_BLOCKS)
 temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                               const int64_t* __restrict__ starts, const scalar_t* __restrict__ loc_c,
                               const scalar_t* __restrict__ attn_c, const scalar_t* __restrict__ loc_t,
@@ -273,18 +339,19 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
                               scalar_t* __restrict__ grad_loc_c, scalar_t* __restrict__ grad_attn_c,
                               scalar_t* __restrict__ grad_loc_t, scalar_t* __restrict__ grad_attn_t,
                               Shape sh) {
-  constexpr int D = 4 * G;
+  using V = Vec<scalar_t>;
+  constexpr int C = V::C;
+  constexpr int G = D / C;
   constexpr int NG = 32 / G;
+  constexpr int B = DEVIS_BWD_BATCH < G ? DEVIS_BWD_BATCH : G;
   __shared__ LevelTable tab;
-  __shared__ float3 stage[kWarpsPerBlock][32];   // per sample of a chunk: d/dpx, d/dpy, d/da
   load_levels(tab, shapes, starts, sh.L);
   __syncthreads();
 
-  const int lane = threadIdx.x & 31, grp = lane / G, chan = (lane % G) * 4;
-  const int wib = threadIdx.x / 32;
+  const int lane = threadIdx.x & 31, grp = lane / G, chan = (lane % G) * C;
   int t, m;
   int64_t row;
-  if (!locate_row(sh, wib, t, m, row)) return;
+  if (!locate_row(sh, threadIdx.x / 32, t, m, row)) return;
   const int nc = sh.L * sh.Pc, nt = sh.W * sh.L * sh.Pt, ns = nc + nt;
   const int MD = sh.M * D;
   const scalar_t* lc = loc_c + row * nc * 2;
@@ -292,65 +359,82 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
   const scalar_t* lt = nt ? loc_t + row * nt * 2 : nullptr;
   const scalar_t* at = nt ? attn_t + row * nt : nullptr;
   const scalar_t* vhead = value + m * D + chan;
-  float* ghead = grad_value + m * D + chan;
-  const float4 go = Quad<scalar_t>::load(grad_out + row * D + chan);
+  float go[C];
+  V::unpack(load16(grad_out + row * D + chan), go);
+  // The atomics use another channel split than the loads: in its u-th atomic, lane j of a group
+  // adds channels 4 (j + u G) .. +3, so the group's lanes cover one contiguous run of 16 G bytes
+  // per instruction (with the load split, 8-channel lanes would leave 16-byte gaps and double the
+  // L2 sectors touched). The channels' grad_out values are fetched once in that split.
+  constexpr int U = C / 4;
+  const int jl = lane % G;
+  float* ghead = grad_value + m * D + 4 * jl;
+  float gq[C];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gq[4 * u + e] = to_f(grad_out[row * D + 4 * (jl + u * G) + e]);
 
   for (int base = 0; base < ns; base += 32) {
     float wl, hl;
     const Packed mine = prepare(base + lane, nc, ns, t, sh, lc, ac, lt, at, frames, tab, MD, wl, hl);
+    float r[G][3];   // per sample handled: partial d/dpx, d/dpy (unscaled), d/da over this lane's channels
 #pragma unroll
-    for (int k0 = 0; k0 < G; k0 += kBatch) {
-      Corners c[kBatch];
-      float4 v[kBatch][4];
-      float a[kBatch];
+    for (int k0 = 0; k0 < G; k0 += B) {
+      Corners c[B];
+      uint4 v[B][4];
+      float a[B];
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
+      for (int b = 0; b < B; ++b) {
         const int src = (k0 + b) * NG + grp;
         c[b] = receive(mine, src, MD, false);
         a[b] = __shfl_sync(kFull, mine.a, src);
         load_corners(vhead, c[b], v[b]);
       }
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const float d0 = dot4(go, v[b][0]), d1 = dot4(go, v[b][1]);
-        const float d2 = dot4(go, v[b][2]), d3 = dot4(go, v[b][3]);
+      for (int b = 0; b < B; ++b) {
+        float d[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float f[C];
+          V::unpack(v[b][i], f);
+          float s = 0.f;
+#pragma unroll
+          for (int j = 0; j < C; ++j) s = fmaf(go[j], f[j], s);
+          d[i] = s;
+        }
         const float hx = 1.f - c[b].lx, hy = 1.f - c[b].ly;
-        float ga = c[b].wt[0] * d0 + c[b].wt[1] * d1 + c[b].wt[2] * d2 + c[b].wt[3] * d3;
-        // d sample / d pixel; the owner lane scales by the weight and (W_l, H_l) = d pixel / d loc
-        float gx = hy * (d1 - d0) + c[b].ly * (d3 - d2);
-        float gy = hx * (d2 - d0) + c[b].lx * (d3 - d1);
+        r[k0 + b][0] = hy * (d[1] - d[0]) + c[b].ly * (d[3] - d[2]);
+        r[k0 + b][1] = hx * (d[2] - d[0]) + c[b].lx * (d[3] - d[1]);
+        r[k0 + b][2] = c[b].wt[0] * d[0] + c[b].wt[1] * d[1] + c[b].wt[2] * d[2] + c[b].wt[3] * d[3];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           if (c[b].mask >> i & 1) {
             const float wc = a[b] * c[b].wt[i];
-            atomic_add4(ghead + c[b].off[i], make_float4(wc * go.x, wc * go.y, wc * go.z, wc * go.w));
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+              atomic_add4(ghead + c[b].off[i] + 4 * u * G, wc * gq[4 * u], wc * gq[4 * u + 1],
+                          wc * gq[4 * u + 2], wc * gq[4 * u + 3]);
           }
         }
-        // the group's lanes each hold a partial dot over 4 channels: sum them
-#pragma unroll
-        for (int o = 1; o < G; o <<= 1) {
-          gx += __shfl_xor_sync(kFull, gx, o);
-          gy += __shfl_xor_sync(kFull, gy, o);
-          ga += __shfl_xor_sync(kFull, ga, o);
-        }
-        if (lane % G == 0) stage[wib][(k0 + b) * NG + grp] = make_float3(gx, gy, ga);
       }
     }
-    __syncwarp();
-    const float3 r = stage[wib][lane];
-    const float sx = mine.a * wl, sy = mine.a * hl;
-    const int s = base + lane;
+    transpose_reduce<G / 2, G>(r, lane);
+    // this lane now holds the sums of sample `src` (handled by its group at step lane % G); its
+    // owner lane supplies d pixel / d loc = (W_l, H_l) times the attention weight
+    const int src = (lane % G) * NG + grp;
+    const float sx = __shfl_sync(kFull, mine.a * wl, src);
+    const float sy = __shfl_sync(kFull, mine.a * hl, src);
+    const int s = base + src;
     if (s < nc) {
-      grad_loc_c[row * nc * 2 + 2 * s] = from_f<scalar_t>(r.x * sx);
-      grad_loc_c[row * nc * 2 + 2 * s + 1] = from_f<scalar_t>(r.y * sy);
-      grad_attn_c[row * nc + s] = from_f<scalar_t>(r.z);
+      grad_loc_c[row * nc * 2 + 2 * s] = from_f<scalar_t>(r[0][0] * sx);
+      grad_loc_c[row * nc * 2 + 2 * s + 1] = from_f<scalar_t>(r[0][1] * sy);
+      grad_attn_c[row * nc + s] = from_f<scalar_t>(r[0][2]);
     } else if (s < ns) {
       const int j = s - nc;
-      grad_loc_t[row * nt * 2 + 2 * j] = from_f<scalar_t>(r.x * sx);
-      grad_loc_t[row * nt * 2 + 2 * j + 1] = from_f<scalar_t>(r.y * sy);
-      grad_attn_t[row * nt + j] = from_f<scalar_t>(r.z);
+      grad_loc_t[row * nt * 2 + 2 * j] = from_f<scalar_t>(r[0][0] * sx);
+      grad_loc_t[row * nt * 2 + 2 * j + 1] = from_f<scalar_t>(r[0][1] * sy);
+      grad_attn_t[row * nt + j] = from_f<scalar_t>(r[0][2]);
     }
-    __syncwarp();
   }
 }
 
@@ -363,6 +447,20 @@ void check_tensor(const at::Tensor& x, const char* name, const at::Tensor& like)
   TORCH_CHECK(x.is_contiguous(), "temporal_msda: ", name, " must be contiguous");
 }
 
+// Stride between the query tiles of consecutive blocks (see locate_row): the first integer from
+// 0.618 * n up that is coprime to n, so k -> k * step mod n visits every tile once.
+int tile_step(int n) {
+#if DEVIS_TILE_SWIZZLE
+  if (n <= 2) return 1;
+  int step = static_cast<int>(0.618 * n);
+  while (std::gcd(step, n) != 1) ++step;
+  return step;
+#else
+  (void)n;
+  return 1;
+#endif
+}
+
 Shape shape_of(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& loc_c,
                const at::Tensor& loc_t) {
   TORCH_CHECK(value.dim() == 4, "temporal_msda: value must be (T, S, M, D)");
@@ -372,6 +470,7 @@ Shape shape_of(const at::Tensor& value, const at::Tensor& shapes, const at::Tens
   sh.Q = loc_c.size(1); sh.L = loc_c.size(3); sh.Pc = loc_c.size(4);
   sh.W = loc_t.numel() ? loc_t.size(3) : 0;
   sh.Pt = loc_t.numel() ? loc_t.size(5) : 0;
+  sh.tile_step = tile_step((sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock);
   TORCH_CHECK(shapes.size(0) == sh.L, "temporal_msda: spatial_shapes has ", shapes.size(0),
               " levels, loc_current has ", sh.L);
   TORCH_CHECK(sh.L <= kMaxLevels, "temporal_msda: at most ", kMaxLevels, " levels, got ", sh.L);
@@ -387,14 +486,14 @@ void check_all(std::initializer_list<Named> xs, const at::Tensor& like) {
   for (const auto& x : xs) check_tensor(*x.first, x.second, like);
 }
 
-// Calls f(scalar tag, group width G) for the supported dtypes and head dims.
+// Calls f(scalar tag, head dim D) for the supported dtypes and head dims.
 template <typename F>
 void dispatch(at::ScalarType st, int64_t D, F&& f) {
   auto by_dim = [&](auto tag) {
     switch (D) {
-      case 16: f(tag, std::integral_constant<int, 4>{}); break;
-      case 32: f(tag, std::integral_constant<int, 8>{}); break;
-      case 64: f(tag, std::integral_constant<int, 16>{}); break;
+      case 16: f(tag, std::integral_constant<int, 16>{}); break;
+      case 32: f(tag, std::integral_constant<int, 32>{}); break;
+      case 64: f(tag, std::integral_constant<int, 64>{}); break;
       default: TORCH_CHECK(false, "temporal_msda: head dim D must be 16, 32 or 64, got ", D);
     }
   };
@@ -424,8 +523,8 @@ void forward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor
   const dim3 grid(static_cast<unsigned>(sh.T * q_tiles * sh.M));
   dispatch(value.scalar_type(), value.size(3), [&](auto tag, auto g) {
       using scalar_t = decltype(tag);
-      constexpr int G = decltype(g)::value;
-      temporal_msda_forward_kernel<scalar_t, G><<<grid, kThreads, 0, stream>>>(
+      constexpr int D = decltype(g)::value;
+      temporal_msda_forward_kernel<scalar_t, D><<<grid, kThreads, 0, stream>>>(
           value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
           loc_c.data_ptr<scalar_t>(), attn_c.data_ptr<scalar_t>(),
           sh.W ? loc_t.data_ptr<scalar_t>() : nullptr, sh.W ? attn_t.data_ptr<scalar_t>() : nullptr,
@@ -457,8 +556,8 @@ void backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tenso
   const dim3 grid(static_cast<unsigned>(sh.T * q_tiles * sh.M));
   dispatch(value.scalar_type(), value.size(3), [&](auto tag, auto g) {
       using scalar_t = decltype(tag);
-      constexpr int G = decltype(g)::value;
-      temporal_msda_backward_kernel<scalar_t, G><<<grid, kThreads, 0, stream>>>(
+      constexpr int D = decltype(g)::value;
+      temporal_msda_backward_kernel<scalar_t, D><<<grid, kThreads, 0, stream>>>(
           value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
           loc_c.data_ptr<scalar_t>(), attn_c.data_ptr<scalar_t>(),
           sh.W ? loc_t.data_ptr<scalar_t>() : nullptr, sh.W ? attn_t.data_ptr<scalar_t>() : nullptr,

@@ -1,0 +1,127 @@
+"""Exact resume after SIGKILL mid-epoch, atomic checkpoint writes and clear errors on bad checkpoints."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from devis_core import checkpoint as ckpt
+from devis_core.config import load_config
+from devis_core.data.synthetic import make_synthetic_coco
+from devis_core.logging_utils import read_json_lines
+from devis_core.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["MODEL.HIDDEN_DIM", "128", "MODEL.DIM_FEEDFORWARD", "64", "MODEL.TRANSFORMER.ENCODER_LAYERS", "1",
+        "MODEL.TRANSFORMER.DECODER_LAYERS", "2", "MODEL.NUM_QUERIES", "8", "NUM_WORKERS", "0",
+        "VISDOM_ON", "False", "DEVICE", "cpu", "INPUT.SCALE_FACTOR_TRAIN", "0.15", "SOLVER.EPOCHS", "2",
+        "SOLVER.MAX_ITERS_PER_EPOCH", "3", "SOLVER.CHECKPOINT_ITERS", "1", "SOLVER.DETERMINISTIC", "True",
+        "TEST.EVAL_PERIOD", "0", "SOLVER.STEPS", "[1]"]
+CONFIG = "synthetic/deformable_detr_tiny.yaml"
+
+
+@pytest.fixture
+def one_thread():
+    # The killed run is a subprocess with OMP_NUM_THREADS=1; the in-process runs must add up floats in the
+    # same order to be bit-identical.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, one_thread):
+    make_synthetic_coco(str(tmp_path / "data"), num_images=(6, 2), size=(64, 96), num_categories=3,
+                        objects=(1, 2), seed=0)
+    common = ARGS + ["DATASETS.DATA_PATH", str(tmp_path / "data")]
+    ref = train(load_config(CONFIG, common + ["OUTPUT_DIR", str(tmp_path / "ref")]))
+    assert ref["epochs_done"] == 2
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "devis_core.train", "--config-file", CONFIG, *common,
+                             "OUTPUT_DIR", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            recs = read_json_lines(out / "metrics.jsonl")
+            if any(r["kind"] == "checkpoint" and r["epoch"] == 1 and r["iteration"] == 2 for r in recs):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "training ended before the test could kill it: " + proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 1 and not state["epoch_complete"]  # killed mid-epoch 1
+    assert "done" not in [r["kind"] for r in read_json_lines(out / "metrics.jsonl")]
+
+    resumed = train(load_config(CONFIG, common + ["OUTPUT_DIR", str(out)]), resume=True)
+    assert resumed["epochs_done"] == 2 - state["epoch"] + 1
+    a = torch.load(tmp_path / "ref" / "checkpoint.pth", weights_only=True)
+    b = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 2
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_crash_during_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
+    cfg = load_config(None, [])
+    ckpt.save_training_state(tmp_path, model, opt, sched, 1, 5, cfg, False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    def crashing_save(obj, f, **kw):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip")  # a partly written file, then the process "dies"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_training_state(tmp_path, model, opt, sched, 1, 6, cfg, False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]  # no temp file left behind
+    fresh = nn.Linear(3, 2)
+    state = ckpt.load_training_state(tmp_path / "checkpoint.pth", fresh, restore_rng=False)
+    assert state["iteration"] == 5
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_rng_states_round_trip_and_bad_checkpoint_errors(tmp_path):
+    import random
+
+    import numpy as np
+
+    states = ckpt.rng_states()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    ckpt.set_rng_states(states)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+    torch.save({"model": nn.Linear(3, 2).state_dict()}, tmp_path / "weights_only.pth")
+    with pytest.raises(ckpt.CheckpointError, match="weights_only.pth: entry 'epoch' is missing"):
+        ckpt.load_training_state(tmp_path / "weights_only.pth", nn.Linear(3, 2))
+    model = nn.Linear(3, 2)
+    ckpt.save_training_state(tmp_path, model, None, None, 2, 0, None, True)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="wrong shape"):
+        ckpt.load_training_state(tmp_path / "checkpoint.pth", nn.Linear(4, 2))
+    with pytest.raises(ckpt.CheckpointError, match="rank 1 has none"):
+        ckpt.load_training_state(tmp_path / "checkpoint.pth", model, rank=1)
