@@ -153,7 +153,9 @@ def _check_inputs(value, spatial_shapes, level_start_index, loc_current, attn_cu
             or temporal_frames.dtype not in (torch.int64, torch.int32):
         check_temporal_frames(temporal_frames, T, W)          # raises with the details
     _check_contents(value, spatial_shapes, level_start_index, temporal_frames, W)
-    return T, S, M, D, L, Q, Pc, W, Pt, temporal_frames.to(device=value.device, dtype=torch.long)
+    if temporal_frames.dtype != torch.long or temporal_frames.device != value.device:
+        temporal_frames = temporal_frames.to(device=value.device, dtype=torch.long)
+    return T, S, M, D, L, Q, Pc, W, Pt, temporal_frames
 
 
 _HOST_CACHE: dict = {}          # id(tensor) -> (weakref, version, host copy)
@@ -315,6 +317,11 @@ def _temporal_reference(maps, frames, loc_t, attn_t, T, M, D, Q):
 # dispatch
 
 
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # skipping the no-op .to() saves host time on every call of a sub-millisecond kernel
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, loc_current, attn_current,
                    loc_temporal=None, attn_temporal=None, temporal_frames=None, *, backend="auto"):
     """Temporal multi-scale deformable attention (spec §2-§3), one call per clip.
@@ -360,12 +367,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, loc_current, attn_c
 
     T, S, M, D, L, Q, Pc, W, Pt, frames = _check_inputs(*args)
     dt = value.dtype
-    from devis_core.ops_build import MSDeformAttnFunction
     if W == 0:
         loc_temporal = attn_temporal = None
         frames = torch.zeros(T, 0, dtype=torch.long, device=value.device)
     else:
-        loc_temporal, attn_temporal = loc_temporal.to(dt), attn_temporal.to(dt)
-    return MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index,
-                                      loc_current.to(dt), attn_current.to(dt),
-                                      loc_temporal, attn_temporal, frames)
+        loc_temporal, attn_temporal = _as_dtype(loc_temporal, dt), _as_dtype(attn_temporal, dt)
+    kernel_args = (value, spatial_shapes, level_start_index, _as_dtype(loc_current, dt),
+                   _as_dtype(attn_current, dt), loc_temporal, attn_temporal, frames)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in kernel_args)):
+        return ops_build.kernel_forward(*kernel_args)[0]
+    return ops_build.MSDeformAttnFunction.apply(*kernel_args)

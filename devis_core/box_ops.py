@@ -89,15 +89,17 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = GIOU_EPS) -> Tensor:
     return _intersection_union(boxes1, boxes2, eps)[2]
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = GIOU_EPS) -> Tensor:
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = GIOU_EPS, check: bool = True) -> Tensor:
     """Element-wise epsilon-regularised generalised IoU of broadcastable corner boxes.
 
     GIoU_eps = (I + eps) / (U + eps) - ((C - U) + eps) / (C + eps), C = area of the smallest
     enclosing box (spec §6.3). boxes1, boxes2: (..., 4) xyxy, broadcastable. Returns (...) in
-    [-1, 1]. ``eps = 0`` gives stock GIoU.
+    [-1, 1]. ``eps = 0`` gives stock GIoU. ``check=False`` skips the well-formedness check (two
+    device-to-host syncs on a GPU) for callers that validate their boxes once elsewhere.
     """
-    _check_well_formed(boxes1, "boxes1")
-    _check_well_formed(boxes2, "boxes2")
+    if check:
+        _check_well_formed(boxes1, "boxes1")
+        _check_well_formed(boxes2, "boxes2")
     _, union, iou = _intersection_union(boxes1, boxes2, eps)
     lt = torch.min(boxes1[..., :2], boxes2[..., :2])
     rb = torch.max(boxes1[..., 2:], boxes2[..., 2:])

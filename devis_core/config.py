@@ -181,6 +181,14 @@ PROJECT_KEYS: list[tuple[str, Any, str]] = [
     ("MODEL.BACKBONE_WEIGHTS", "",
      "Local file with torchvision ImageNet weights for the ResNet backbone (a state dict saved by "
      "torch.save). Empty: random initialisation. Nothing is ever downloaded."),
+    ("MODEL.BACKBONE_NORM", "frozen_bn",
+     "Normalisation layers of the ResNet: 'frozen_bn' (official: batch norm with frozen ImageNet statistics; "
+     "the stem and layer1 never train) or 'group_norm' (GroupNorm with 32 groups, every layer trains: for "
+     "training from random initialisation, e.g. the synthetic dataset; cannot load MODEL.BACKBONE_WEIGHTS)."),
+    ("MODEL.TRANSFORMER.CHECKPOINT_ENCODER", False,
+     "Activation checkpointing of the encoder layers in training: their activations (most of a DeVIS step's "
+     "memory: the encoder runs over every pixel of every frame) are recomputed in the backward instead of "
+     "kept. Same numbers, one more encoder forward of time."),
     ("MODEL.ATTENTION_BACKEND", "auto",
      "Multi-scale deformable attention implementation: 'auto' (fused CUDA kernel on CUDA tensors, "
      "PyTorch reference elsewhere), 'cuda' (fail if the kernel cannot be built) or 'reference'."),
@@ -190,12 +198,24 @@ PROJECT_KEYS: list[tuple[str, Any, str]] = [
     ("INPUT.DEVIS.BGR_TRAINING", False,
      "Feed BGR-ordered frames during VIS training, as the official code did (cv2.imread without a "
      "conversion, spec §6.2). Off: RGB, like inference and the COCO stages. Inference is always RGB."),
+    ("INPUT.TRAIN_PAD_MULTIPLE", 0,
+     "VIS training: pad each clip (bottom/right, masked like DETR's batch padding; target masks padded too) "
+     "to height and width multiples of N. 0: no padding, as the official code. With multi-scale crops every "
+     "clip has a new size, and each new convolution shape costs cuDNN a plan search on the GPU; a few "
+     "padded sizes keep those plans cached. Changes the numbers a little (padded borders)."),
     ("SOLVER.AMP", False,
      "Train (and evaluate) under bfloat16 autocast; the criterion and matcher stay float32. Off: float32 "
      "everywhere, as the official training."),
+    ("TF32", False,
+     "Let float32 matrix products and cuDNN convolutions use TF32 tensor cores in training, inference and "
+     "the benchmarks (devis_core.precision.configure_tf32). Faster on Ampere/Hopper GPUs but not float32 "
+     "numerics; off (the default) also turns off torch's default TF32 for cuDNN convolutions."),
     ("SOLVER.SKIP_NONFINITE_STEPS", False,
      "When the loss is NaN or infinite on any rank, skip that optimiser step (logged) instead of stopping "
      "the run with an error (the last complete checkpoint is kept either way)."),
+    ("SOLVER.FUSED_ADAMW", False,
+     "Use torch's fused CUDA AdamW kernel (one kernel per parameter group instead of the foreach loop); "
+     "it rounds differently, so it is off by default; needs the model on CUDA."),
     ("SOLVER.CHECKPOINT_ITERS", 0,
      "Also write OUTPUT_DIR/checkpoint.pth every N iterations inside an epoch (0: only after each epoch), so "
      "--resume continues mid-epoch."),
@@ -411,6 +431,12 @@ def check_config(cfg: CN, source: str = "config") -> None:
         problems.append(f"MODEL.NUM_FEATURE_LEVELS is {cfg.MODEL.NUM_FEATURE_LEVELS}, expected 1, 3 or 4")
     if cfg.MODEL.HIDDEN_DIM % cfg.MODEL.TRANSFORMER.N_HEADS:
         problems.append("MODEL.HIDDEN_DIM must be divisible by MODEL.TRANSFORMER.N_HEADS")
+    if cfg.MODEL.BACKBONE_NORM not in ("frozen_bn", "group_norm"):
+        problems.append(f"MODEL.BACKBONE_NORM is {cfg.MODEL.BACKBONE_NORM!r}, expected 'frozen_bn' or 'group_norm'")
+    elif cfg.MODEL.BACKBONE_NORM == "group_norm" and cfg.MODEL.BACKBONE_WEIGHTS:
+        problems.append("MODEL.BACKBONE_NORM 'group_norm' trains the ResNet from random initialisation; ImageNet "
+                        f"weights (MODEL.BACKBONE_WEIGHTS={cfg.MODEL.BACKBONE_WEIGHTS!r}) carry batch-norm "
+                        "statistics it has no place for")
     if cfg.MODEL.ATTENTION_BACKEND not in ("auto", "cuda", "reference"):
         problems.append(f"MODEL.ATTENTION_BACKEND is {cfg.MODEL.ATTENTION_BACKEND!r}, "
                         "expected 'auto', 'cuda' or 'reference'")

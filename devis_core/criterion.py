@@ -8,13 +8,15 @@ background for the class loss.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .matcher import match_layers
 
 # Official aux-loss weighting (``AUX_LOSS_WEIGHTING``): decoder layer i of the 6-layer decoder gets
 # (i+1)/30 of the base weight and the last layer 15/30, so the six factors sum to 1.
@@ -99,16 +101,18 @@ def build_weight_dict(class_coef: float, bbox_coef: float, giou_coef: float, num
 
 def _distributed_num_boxes(count: int, device: torch.device) -> float:
     """Average number of target entries per rank, clamped at 1 (normaliser of every loss)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        # One process: the same value without a round trip through the device.
+        return max(float(count), 1.0)
     n = torch.as_tensor([float(count)], dtype=torch.float64, device=device)
-    world = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(n)
-        world = torch.distributed.get_world_size()
-    return max(n.item() / world, 1.0)
+    torch.distributed.all_reduce(n)
+    return max(n.item() / torch.distributed.get_world_size(), 1.0)
 
 
 def _pad_masks(masks: Sequence[Tensor]) -> Tensor:
     """Stack (N_b, H_b, W_b) masks of a batch into (B, max N, max H, max W), zero-padded, same dtype."""
+    if len(masks) == 1:
+        return masks[0][None]                # nothing to pad: a view, no copy
     n = max(m.shape[0] for m in masks)
     h = max(m.shape[1] for m in masks)
     w = max(m.shape[2] for m in masks)
@@ -118,12 +122,60 @@ def _pad_masks(masks: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def _cat(tensors: Sequence[Tensor]) -> Tensor:
+    """torch.cat that returns a single tensor as it is (no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+class _Targets(NamedTuple):
+    """What every decoder layer's losses read from the targets, prepared once per forward.
+
+    counts: entries N_b per batch element; offsets: their start in the concatenation; labels: host
+    (ΣN,) int64; valid: host (ΣN,) bool (present on its frame); boxes: (ΣN, 4) cx, cy, w, h on the
+    targets' device; masks: (B, max N, H, W) zero-padded target masks, or None without mask loss.
+    """
+    counts: list[int]
+    offsets: list[int]
+    labels: np.ndarray
+    valid: np.ndarray
+    boxes: Tensor
+    masks: Tensor | None
+
+
+class _Pairs(NamedTuple):
+    """The matched pairs of one decoder layer as device index tensors (built on the host).
+
+    pos_batch, pos_query, pos_label: (P,) pairs present on their frame (class-loss positives);
+    reg_batch, reg_query: (R,) regressed pairs (box and mask losses); reg_target: (R,) their entry in
+    the concatenated targets; reg_rank: (R,) their position among the M matched pairs (the order of
+    ``pred_masks``); reg_mask_row: (R,) their row b·max N + j of the flattened padded masks.
+    num_matched: M; num_pos: P.
+    """
+    pos_batch: Tensor
+    pos_query: Tensor
+    pos_label: Tensor
+    reg_batch: Tensor
+    reg_query: Tensor
+    reg_target: Tensor
+    reg_rank: Tensor
+    reg_mask_row: Tensor
+    num_matched: int
+    num_pos: int
+
+
+_PAIR_FIELDS = len(_Pairs._fields) - 2
+
+
 class SetCriterion(nn.Module):
     """Set-prediction losses for all decoder layers; returns the UNWEIGHTED losses.
 
     Keys: loss_ce, class_error (logging, final layer only), loss_bbox, loss_giou, loss_mask,
     loss_dice for the final layer; aux layers i add ``_{i}`` (mask terms only where the aux dict
     carries ``pred_masks``). Weighted total: Σ weight_dict[k]·losses[k] (:meth:`total_loss`).
+
+    Host work per forward is kept small on purpose (a GPU iteration is bound by it): the targets'
+    labels / valid flags / box checks come to the host in one transfer, every layer's index
+    bookkeeping is done there in numpy, and all layers' index tensors go to the device in one copy.
     """
 
     def __init__(self, num_classes: int, matcher, weight_dict: dict[str, float],
@@ -141,106 +193,144 @@ class SetCriterion(nn.Module):
         self.focal_gamma = focal_gamma
 
     # -- index bookkeeping -------------------------------------------------------------------------
-    @staticmethod
-    def _matched_valid(targets: Sequence[dict], indices) -> list[Tensor]:
-        """Per batch element, (n_matched,) bool: is the matched target entry present on its frame."""
-        out = []
-        for b, (t, (_, tgt_idx)) in enumerate(zip(targets, indices)):
-            n = len(t["labels"])
-            if tgt_idx.numel() and int(tgt_idx.max()) >= n:
-                raise IndexError(f"SetCriterion: matched target index {int(tgt_idx.max())} in batch element "
-                                 f"{b}, which has only {n} target entries")
-            valid = t.get("valid")
-            if valid is None:
-                out.append(torch.ones(tgt_idx.numel(), dtype=torch.bool, device=tgt_idx.device))
-            else:
-                out.append(valid.to(tgt_idx.device)[tgt_idx].bool())
-        return out
+    def _prepare_targets(self, targets: Sequence[dict], num_logits: int) -> _Targets:
+        """Concatenate the targets and read their labels, valid flags and box sanity in ONE transfer;
+        raise for labels outside 0..num_logits-1 or boxes that are not finite with w, h >= 0."""
+        counts = [len(t["labels"]) for t in targets]
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist() if counts else []
+        boxes = _cat([t["boxes"] for t in targets])
+        labels = _cat([t["labels"] for t in targets]).long()
+        good = torch.isfinite(boxes).all(-1) & (boxes[:, 2:] >= 0).all(-1)
+        parts = [labels, good.long()]
+        has_valid = [t.get("valid") is not None for t in targets]
+        if any(has_valid):
+            parts.append(_cat([t["valid"].to(labels.device).long() if t.get("valid") is not None
+                                    else torch.ones_like(t["labels"], dtype=torch.long, device=labels.device)
+                                    for t in targets]))
+        host = torch.cat([p.to(labels.device) for p in parts]).cpu().numpy()
+        n = labels.numel()
+        labels_h, good_h = host[:n], host[n:2 * n].astype(bool)
+        valid_h = host[2 * n:].astype(bool) if any(has_valid) else np.ones(n, dtype=bool)
+        for b, (off, cnt) in enumerate(zip(offsets, counts)):
+            lab = labels_h[off:off + cnt]
+            if cnt and not (lab.min() >= 0 and lab.max() < num_logits):
+                raise ValueError(f"SetCriterion: batch element {b} has target labels {lab.tolist()}; "
+                                 f"expected 0-based classes in 0..{num_logits - 1}")
+            if not good_h[off:off + cnt].all():
+                j = int(np.flatnonzero(~good_h[off:off + cnt])[0])
+                raise ValueError(f"SetCriterion: batch element {b}, target entry {j} has box "
+                                 f"{targets[b]['boxes'][j].tolist()}; expected finite cx, cy, w, h with w, h >= 0")
+        masks = None
+        if "masks" in self.losses and all("masks" in t for t in targets):
+            masks = _pad_masks([t["masks"] for t in targets])
+        return _Targets(counts, offsets, labels_h, valid_h, boxes, masks)
 
     @staticmethod
-    def _regressed(valid: list[Tensor]) -> list[Tensor]:
-        # Boxes and masks are regressed on every matched frame, absent ones included (filler box,
-        # empty mask); only when a clip has no present matched entry at all does the official code
-        # keep the present ones, i.e. none.
-        return [torch.ones_like(v) if bool(v.any()) else v for v in valid]
+    def _layer_plan(tg: _Targets, indices) -> tuple[list[np.ndarray], int, int]:
+        """Host index arrays of one layer in ``_Pairs`` field order (without the two counts), M and P."""
+        n_max = max(tg.counts, default=0)
+        fields: list[list[np.ndarray]] = [[] for _ in range(_PAIR_FIELDS)]
+        rank0 = 0
+        if len(indices) != len(tg.counts):
+            raise ValueError(f"SetCriterion: {len(indices)} index pairs for {len(tg.counts)} target dicts")
+        for b, (src, tgt) in enumerate(indices):
+            src = src.detach().cpu().numpy().astype(np.int64, copy=False)
+            tgt = tgt.detach().cpu().numpy().astype(np.int64, copy=False)
+            n, off = tg.counts[b], tg.offsets[b]
+            if tgt.size and int(tgt.max()) >= n:
+                raise IndexError(f"SetCriterion: matched target index {int(tgt.max())} in batch element {b}, "
+                                 f"which has only {n} target entries")
+            present = tg.valid[off + tgt]
+            # Boxes and masks are regressed on every matched frame, absent ones included (filler box,
+            # empty mask); only when a clip has no present matched entry at all does the official code
+            # keep the present ones, i.e. none.
+            keep = np.ones_like(present) if present.any() else present
+            fields[0].append(np.full(int(present.sum()), b, dtype=np.int64))
+            fields[1].append(src[present])
+            fields[2].append(tg.labels[off + tgt[present]])
+            fields[3].append(np.full(int(keep.sum()), b, dtype=np.int64))
+            fields[4].append(src[keep])
+            fields[5].append(off + tgt[keep])
+            fields[6].append(rank0 + np.flatnonzero(keep))
+            fields[7].append(b * n_max + tgt[keep])
+            rank0 += len(src)
+        flat = [np.concatenate(f) if f else np.zeros(0, dtype=np.int64) for f in fields]
+        return flat, rank0, len(flat[0])
+
+    def _pairs(self, tg: _Targets, layer_indices: Sequence, device: torch.device) -> list[_Pairs]:
+        """``_Pairs`` of every layer; all index arrays travel to ``device`` in one copy."""
+        plans = [self._layer_plan(tg, indices) for indices in layer_indices]
+        arrays = [a for flat, _, _ in plans for a in flat]
+        packed = torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False))
+        packed = packed.to(device, non_blocking=True)
+        pieces = iter(torch.split(packed, [len(a) for a in arrays]))
+        return [_Pairs(*[next(pieces) for _ in range(_PAIR_FIELDS)], m, p) for _, m, p in plans]
 
     # -- individual losses -------------------------------------------------------------------------
-    def loss_labels(self, outputs: dict, targets, indices, num_boxes: float, valid, log: bool = True) -> dict:
+    def loss_labels(self, outputs: dict, tg: _Targets, pairs: _Pairs, num_boxes: float, log: bool = True) -> dict:
         """Focal classification over all B·Q·K logits; matched present entries are the positives.
 
         outputs['pred_logits']: (B, Q, K). Returns loss_ce (and class_error in percent if ``log``).
         """
         logits = outputs["pred_logits"]
         onehot = torch.zeros_like(logits)
-        pos_logits, pos_labels = [], []
-        num_logits = logits.shape[-1]
-        for b, (t, (src, tgt), v) in enumerate(zip(targets, indices, valid)):
-            src, labels = src[v.to(src.device)], t["labels"][tgt[v.to(tgt.device)]]
-            if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_logits):
-                raise ValueError(f"SetCriterion: batch element {b} has target labels {labels.tolist()}; "
-                                 f"expected 0-based classes in 0..{num_logits - 1}")
-            onehot[b, src.to(logits.device), labels.to(logits.device)] = 1
-            pos_logits.append(logits[b, src.to(logits.device)])
-            pos_labels.append(labels.to(logits.device))
+        onehot[pairs.pos_batch, pairs.pos_query, pairs.pos_label] = 1
         loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_boxes
         out = {"loss_ce": loss}
         if log:
-            pos_logits_t, pos_labels_t = torch.cat(pos_logits), torch.cat(pos_labels)
-            if pos_labels_t.numel() == 0:
-                out["class_error"] = torch.tensor(100.0, dtype=logits.dtype, device=logits.device)
+            if pairs.num_pos == 0:
+                out["class_error"] = logits.new_full((), 100.0)
             else:
-                correct = (pos_logits_t.argmax(-1) == pos_labels_t).to(logits.dtype).mean()
-                out["class_error"] = (100 - 100 * correct).detach()
+                pos_logits = logits[pairs.pos_batch, pairs.pos_query].detach()
+                correct = (pos_logits.argmax(-1) == pairs.pos_label).to(logits.dtype).mean()
+                out["class_error"] = 100 - 100 * correct
         return out
 
-    def loss_boxes(self, outputs: dict, targets, indices, num_boxes: float, valid) -> dict:
+    def loss_boxes(self, outputs: dict, tg: _Targets, pairs: _Pairs, num_boxes: float) -> dict:
         """L1 and (1 − GIoU_eps) over the regressed matched pairs, each summed / num_boxes.
 
         outputs['pred_boxes']: (B, Q, 4) normalised cx, cy, w, h.
         """
-        keep = self._regressed(valid)
-        src = torch.cat([outputs["pred_boxes"][b, s[k.to(s.device)].to(outputs["pred_boxes"].device)]
-                         for b, ((s, _), k) in enumerate(zip(indices, keep))])
-        tgt = torch.cat([t["boxes"][j[k.to(j.device)]] for t, (_, j), k in zip(targets, indices, keep)])
-        tgt = tgt.to(src)
+        src = outputs["pred_boxes"][pairs.reg_batch, pairs.reg_query]
+        tgt = tg.boxes[pairs.reg_target.to(tg.boxes.device)].to(src)
         loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        # Targets were checked in _prepare_targets; a non-finite prediction gives a non-finite loss,
+        # which the training loop reports.
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt), check=False)
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
-    def loss_masks(self, outputs: dict, targets, indices, num_boxes: float, valid) -> dict:
+    def loss_masks(self, outputs: dict, tg: _Targets, pairs: _Pairs, num_boxes: float) -> dict:
         """Pixel focal and dice losses of the matched masks at the padded batch resolution.
 
         outputs['pred_masks']: (M, h, w) or (M, 1, h, w) logits of the M matched pairs in the
-        concatenated order of ``indices``; targets' masks: (N_b, H_b, W_b), zero-padded here to the
-        batch max (H, W); the logits are bilinearly upsampled (align_corners=False) to it.
+        concatenated order of the indices; targets' masks: (N_b, H_b, W_b), zero-padded to the batch
+        max (H, W); the logits are bilinearly upsampled (align_corners=False) to it.
         """
         pred = outputs["pred_masks"]
         if pred.dim() == 4:
             pred = pred[:, 0]
-        n_matched = sum(int(s.numel()) for s, _ in indices)
-        if pred.shape[0] != n_matched:
+        if pred.shape[0] != pairs.num_matched:
             raise ValueError(f"SetCriterion: pred_masks has {pred.shape[0]} masks but the matching has "
-                             f"{n_matched} pairs; expected one mask per matched pair")
-        keep = torch.cat(self._regressed(valid)).to(pred.device)
-        padded = _pad_masks([t["masks"] for t in targets])
-        tgt = torch.cat([padded[b, j.to(padded.device)] for b, (_, j) in enumerate(indices)])
-        tgt = tgt.to(pred.device)[keep].to(pred.dtype)
-        pred = F.interpolate(pred[keep][:, None], size=padded.shape[-2:], mode="bilinear",
-                             align_corners=False)[:, 0]
+                             f"{pairs.num_matched} pairs; expected one mask per matched pair")
+        if tg.masks is None:
+            raise KeyError("SetCriterion: the 'masks' loss needs 'masks' in every target dict")
+        padded = tg.masks.flatten(0, 1)
+        tgt = padded[pairs.reg_mask_row.to(padded.device)].to(pred.device).to(pred.dtype)
+        pred = F.interpolate(pred[pairs.reg_rank.to(pred.device)][:, None], size=tg.masks.shape[-2:],
+                             mode="bilinear", align_corners=False)[:, 0]
         pred, tgt = pred.flatten(1), tgt.flatten(1)
         return {"loss_mask": mask_focal_loss(pred, tgt, num_boxes, self.focal_alpha, self.focal_gamma),
                 "loss_dice": dice_loss(pred, tgt, num_boxes)}
 
     # -- driver ------------------------------------------------------------------------------------
-    def _layer_losses(self, outputs: dict, targets, indices, num_boxes: float, log: bool) -> dict:
-        valid = self._matched_valid(targets, indices)
+    def _layer_losses(self, outputs: dict, tg: _Targets, pairs: _Pairs, num_boxes: float, log: bool) -> dict:
         losses = {}
         if "labels" in self.losses:
-            losses.update(self.loss_labels(outputs, targets, indices, num_boxes, valid, log=log))
+            losses.update(self.loss_labels(outputs, tg, pairs, num_boxes, log=log))
         if "boxes" in self.losses:
-            losses.update(self.loss_boxes(outputs, targets, indices, num_boxes, valid))
+            losses.update(self.loss_boxes(outputs, tg, pairs, num_boxes))
         if "masks" in self.losses and "pred_masks" in outputs:
-            losses.update(self.loss_masks(outputs, targets, indices, num_boxes, valid))
+            losses.update(self.loss_masks(outputs, tg, pairs, num_boxes))
         return losses
 
     def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
@@ -249,23 +339,27 @@ class SetCriterion(nn.Module):
         outputs: pred_logits (B, Q, K), pred_boxes (B, Q, 4), optional indices (list of B
         (pred_idx, tgt_idx)), optional pred_masks (M, h, w), optional aux_outputs (list over layers
         0..D−2 of dicts with the same keys). targets: B dicts with labels (N_b,), boxes (N_b, 4),
-        optional masks (N_b, H_b, W_b) bool and valid (N_b,) flags.
+        optional masks (N_b, H_b, W_b) bool and valid (N_b,) flags. Layers without ``indices`` are
+        matched here, all in one batched matcher call.
         Returns {loss name: scalar tensor}.
         """
         if "masks" in self.losses and "pred_masks" not in outputs:
             raise KeyError("SetCriterion: the 'masks' loss is on but outputs have no 'pred_masks'")
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = outputs.get("indices")
-        if indices is None:
-            indices = self.matcher(final, targets)
-        num_boxes = _distributed_num_boxes(sum(len(t["labels"]) for t in targets),
-                                           outputs["pred_logits"].device)
-        losses = self._layer_losses(final, targets, indices, num_boxes, log=True)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_indices = aux.get("indices")
-            if aux_indices is None:
-                aux_indices = self.matcher(aux, targets)
-            layer = self._layer_losses(aux, targets, aux_indices, num_boxes, log=False)
+        layers = [final] + list(outputs.get("aux_outputs", []))
+        layer_indices = [layer.get("indices") for layer in layers]
+        unmatched = [i for i, idx in enumerate(layer_indices) if idx is None]
+        if unmatched:
+            found = match_layers(self.matcher, [layers[i] for i in unmatched], targets)
+            for i, idx in zip(unmatched, found):
+                layer_indices[i] = idx
+        device = outputs["pred_logits"].device
+        tg = self._prepare_targets(targets, outputs["pred_logits"].shape[-1])
+        num_boxes = _distributed_num_boxes(sum(tg.counts), device)
+        pairs = self._pairs(tg, layer_indices, device)
+        losses = self._layer_losses(final, tg, pairs[0], num_boxes, log=True)
+        for i, (aux, aux_pairs) in enumerate(zip(layers[1:], pairs[1:])):
+            layer = self._layer_losses(aux, tg, aux_pairs, num_boxes, log=False)
             losses.update({f"{k}_{i}": v for k, v in layer.items()})
         return losses
 

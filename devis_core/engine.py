@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from devis_core.distributed import all_true, get_world_size, is_main_process, reduce_mean
 from devis_core.logging_utils import TrainingLog, progress
+from devis_core.matcher import match_layers
 from devis_core.models.nested import NestedTensor
 
 
@@ -48,9 +49,13 @@ class Float32Matcher:
         self.matcher = matcher
 
     def __call__(self, outputs: dict, targets: list[dict]):
-        device_type = outputs["pred_logits"].device.type
+        return self.match_layers([outputs], targets)[0]
+
+    def match_layers(self, layer_outputs: list[dict], targets: list[dict]):
+        """Indices of several decoder layers (see ``devis_core.matcher.match_layers``)."""
+        device_type = layer_outputs[0]["pred_logits"].device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return self.matcher(_to_float(outputs), targets)
+            return match_layers(self.matcher, to_float(list(layer_outputs)), targets)
 
 
 def prepare_for_amp(model: nn.Module, criterion: nn.Module) -> None:
@@ -72,26 +77,33 @@ def compute_losses(model: nn.Module, criterion: nn.Module, samples: NestedTensor
     with autocast(device, amp):
         outputs = model(samples, targets)
     if amp:
-        outputs = _to_float(outputs)
+        outputs = to_float(outputs)
     losses = criterion(outputs, targets)
     return criterion.total_loss(losses), losses
 
 
-def _to_float(obj):
+def to_float(obj):
     if isinstance(obj, Tensor):
         return obj.float() if obj.is_floating_point() else obj
     if isinstance(obj, dict):
-        return {k: _to_float(v) for k, v in obj.items()}
+        return {k: to_float(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_float(v) for v in obj)
+        return type(obj)(to_float(v) for v in obj)
     return obj
 
 
-def _weighted_terms(losses: dict[str, Tensor], weight_dict: dict[str, float]) -> dict[str, float]:
-    out = {k: float(v.detach()) * weight_dict[k] for k, v in losses.items() if k in weight_dict}
+def _read_losses(loss: Tensor, losses: dict[str, Tensor], weight_dict: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """(total loss, {weighted term, class_error}) as Python floats, read from the device in ONE transfer
+    (reading each of the ~30 terms separately costs a device sync each)."""
+    names = [k for k in losses if k in weight_dict or k == "class_error"]
+    values = [loss.detach()] + [losses[k].detach() for k in names]
+    if len({v.dtype for v in values}) > 1:
+        values = [v.double() for v in values]      # exact for every float dtype, so the same floats
+    host = torch.stack(values).tolist()
+    terms = {k: v * weight_dict[k] for k, v in zip(names, host[1:]) if k in weight_dict}
     if "class_error" in losses:
-        out["class_error"] = float(losses["class_error"].detach())
-    return out
+        terms["class_error"] = host[1 + names.index("class_error")]
+    return host[0], terms
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -121,7 +133,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
     for samples, targets in bar:
         samples, targets = to_device(samples, targets, device)
         loss, losses = compute_losses(model, criterion, samples, targets, amp)
-        value = float(loss.detach())
+        value, step = _read_losses(loss, losses, criterion.weight_dict)
         if not all_true(math.isfinite(value), device):
             terms = {k: round(float(v.detach()), 4) for k, v in losses.items()}
             if not skip_nonfinite:
@@ -143,7 +155,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: Iterable, op
         optimizer.step()
         i += 1
         done += 1
-        step = _weighted_terms(losses, criterion.weight_dict)
         step.update(loss=value, grad_norm=grad_norm)
         for k, v in step.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -178,9 +189,10 @@ def validation_loss(model: nn.Module, criterion: nn.Module, loader: Iterable, de
     for samples, targets in loader:
         samples, targets = to_device(samples, targets, device)
         loss, losses = compute_losses(model, criterion, samples, targets, amp)
-        for k, v in _weighted_terms(losses, criterion.weight_dict).items():
+        value, terms = _read_losses(loss, losses, criterion.weight_dict)
+        for k, v in terms.items():
             sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + v
-        sums["val_loss"] = sums.get("val_loss", 0.0) + float(loss)
+        sums["val_loss"] = sums.get("val_loss", 0.0) + value
         n += 1
     if n == 0:
         return {}
@@ -202,7 +214,7 @@ def evaluate_coco(model: nn.Module, criterion: nn.Module, postprocessors: dict, 
         samples, targets = to_device(samples, targets, device)
         with autocast(device, amp):
             outputs = model(samples, targets)
-        outputs = _to_float(outputs)
+        outputs = to_float(outputs)
         losses = criterion(outputs, targets)
         sums["val_loss"] = sums.get("val_loss", 0.0) + float(criterion.total_loss(losses))
         n += 1

@@ -29,10 +29,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .engine import autocast, to_float
 from .distributed import cleanup_distributed, get_rank, get_world_size, init_distributed
 from .evaluation import VideoInstanceEvaluator, format_metrics, load_ground_truth, write_metrics
 from .models.nested import NestedTensor
 from .fileio import atomic_write_text
+from .precision import configure_tf32
 from .results import merge_results, write_results
 from .tracking import build_tracker, partition_clips
 
@@ -124,7 +126,8 @@ def infer_video(model: nn.Module, load_frames: LoadFrames, video_id: int, video_
     float frames, pre-processed as in §7.2; it is called once per clip with the frames the previous clip
     did not already load, never for the whole video at once. video_length: L frames; original_size:
     (H0, W0) of the video, the size of the output masks. cfg: reads MODEL.DEVIS.NUM_FRAMES,
-    TEST.CLIP_TRACKING.*, TEST.NUM_OUT. on_clip(clip_index, frame_ids, clip_result): called for every
+    TEST.CLIP_TRACKING.*, TEST.NUM_OUT, SOLVER.AMP (bfloat16 autocast for the model; the tracker gets
+    float32). on_clip(clip_index, frame_ids, clip_result): called for every
     clip with its real frame ids (length min(T, L)) and the model's per-clip result (masks still /4
     logits). timing: accumulates forward / stitching seconds and frames.
 
@@ -139,6 +142,7 @@ def infer_video(model: nn.Module, load_frames: LoadFrames, video_id: int, video_
     tracker = build_tracker(cfg, int(video_id), int(video_length), original_size)
     own_timing = InferenceTiming()
     cache: dict[int, Tensor] = {}
+    amp = bool(cfg.SOLVER.AMP)
     # no_grad rather than inference_mode: attention.py caches host copies keyed on tensor version
     # counters, which inference tensors do not have.
     with eval_mode(model), torch.no_grad():
@@ -148,7 +152,11 @@ def infer_video(model: nn.Module, load_frames: LoadFrames, video_id: int, video_
                                                        device=device))
             _synchronize(device)
             t0 = time.perf_counter()
-            result = model.inference(samples, original_size, clip_length)
+            with autocast(device, amp):
+                result = model.inference(samples, original_size, clip_length)
+            if amp:
+                # the tracker's scores, boxes and soft masks are read through numpy, which has no bfloat16
+                result = to_float(result)
             _synchronize(device)
             t1 = time.perf_counter()
             if on_clip is not None:
@@ -289,6 +297,7 @@ def run_inference_report(cfg, model: nn.Module, dataset, out_dir: str | os.PathL
                          max_videos: int | None = None, verbose: bool = True) -> InferenceReport | None:
     """:func:`run_inference`, returning an :class:`InferenceReport` (results, timing, metrics) on rank 0."""
     device = torch.device(device)
+    configure_tf32(bool(cfg.TF32))
     out_dir = os.fspath(out_dir)
     rank, world = get_rank(), get_world_size()
     positions = select_videos(dataset, cfg.TEST.VIZ.VIDEO_NAMES, max_videos)
@@ -308,12 +317,13 @@ def run_inference_report(cfg, model: nn.Module, dataset, out_dir: str | os.PathL
         if save_clip_viz is not None:
             clip_root = os.path.join(viz_root, video_name(video), CLIP_VIZ_DIR)
 
-            def on_clip(index, frame_ids, result, _pos=pos, _size=size, _root=clip_root):
+            def save_window(index, frame_ids, result, _pos=pos, _size=size, _root=clip_root):
                 ct = cfg.TEST.CLIP_TRACKING
                 save_clip_viz(original_frames(dataset, _pos, frame_ids), result, frame_ids,
                               os.path.join(_root, f"window_{index}"), _size,
                               category_names=dataset.index.categories, min_frame_score=ct.MIN_FRAME_SCORE,
                               min_track_score=ct.MIN_TRACK_SCORE)
+            on_clip = save_window
 
         t0 = time.perf_counter()
         entries = infer_video(model, lambda ids, _pos=pos: dataset.load_frames(_pos, ids), video["id"], length,

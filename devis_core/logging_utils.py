@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -134,9 +135,11 @@ class TrainingLog:
         self.callbacks = list(callbacks) if enabled else []
 
     def log(self, record: dict) -> None:
-        """record: {'kind': 'train_iter' | 'train_epoch' | 'eval', 'epoch', 'iteration', metrics...}."""
+        """record: {'kind': 'train_iter' | 'train_epoch' | 'eval', 'epoch', 'iteration', metrics...}. A
+        'time' entry (Unix seconds) is added, so time-to-accuracy can be read off the file across resumes."""
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3)} if "time" not in record else record
         if self.file is not None:
             self.file.write(record)
         if self.visdom is not None:
@@ -228,8 +231,6 @@ class LiveCurves:
 
     def follow(self, path: str | os.PathLike, is_running: Callable[[], bool], interval_s: float = 5.0) -> None:
         """Re-read ``path`` every ``interval_s`` while ``is_running()``, redrawing; then once more."""
-        import time
-
         while True:
             running = is_running()
             self.records = read_json_lines(path)

@@ -248,6 +248,36 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
     return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
+def _long_on(t: torch.Tensor, device) -> torch.Tensor:
+    """Contiguous int64 on ``device``; the tensor itself when it already is (the usual case: a no-op
+    ``.to`` still costs microseconds of host time per call)."""
+    if t.dtype == torch.long and t.device == device and t.is_contiguous():
+        return t
+    return t.to(device=device, dtype=torch.long).contiguous()
+
+
+def kernel_forward(value, spatial_shapes, level_start_index, loc_c, attn_c, loc_t, attn_t, frames):
+    """The fused forward without autograd (arguments as :class:`MSDeformAttnFunction`).
+
+    Returns (out (T, Q, M*D), the contiguous inputs the backward needs). Called directly when no
+    gradient is needed: the autograd node would cost host time the GPU spends idle in front of a
+    sub-millisecond kernel.
+    """
+    ext = load_extension()
+    value = _aligned(value)
+    shapes = _long_on(spatial_shapes, value.device)
+    starts = _long_on(level_start_index, value.device)
+    loc_c, attn_c = loc_c.contiguous(), attn_c.contiguous()
+    empty = value.new_empty(0)
+    loc_t = empty if loc_t is None else loc_t.contiguous()
+    attn_t = empty if attn_t is None else attn_t.contiguous()
+    frames = _long_on(frames, value.device)
+    T, _, M, D = value.shape
+    out = _alloc((T, loc_c.shape[1], M * D), value)
+    ext.forward(value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames, out)
+    return out, (value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames)
+
+
 class MSDeformAttnFunction(torch.autograd.Function):
     """Autograd binding of the fused kernel; arguments as ``attention.ms_deform_attn`` after its
     checks: every floating tensor in value's dtype, temporal_frames (T, W) int64 (W may be 0, then
@@ -255,20 +285,10 @@ class MSDeformAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, loc_c, attn_c, loc_t, attn_t, frames):
-        ext = load_extension()
-        value = _aligned(value)
-        shapes = spatial_shapes.to(device=value.device, dtype=torch.long).contiguous()
-        starts = level_start_index.to(device=value.device, dtype=torch.long).contiguous()
-        loc_c, attn_c = loc_c.contiguous(), attn_c.contiguous()
-        empty = value.new_empty(0)
-        loc_t = empty if loc_t is None else loc_t.contiguous()
-        attn_t = empty if attn_t is None else attn_t.contiguous()
-        frames = frames.to(device=value.device, dtype=torch.long).contiguous()
-        T, _, M, D = value.shape
-        out = _alloc((T, loc_c.shape[1], M * D), value)
-        ext.forward(value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames, out)
-        ctx.save_for_backward(value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames)
-        ctx.has_temporal = loc_t.numel() > 0
+        out, saved = kernel_forward(value, spatial_shapes, level_start_index, loc_c, attn_c, loc_t, attn_t,
+                                    frames)
+        ctx.save_for_backward(*saved)
+        ctx.has_temporal = saved[5].numel() > 0
         return out
 
     @staticmethod

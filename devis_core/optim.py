@@ -59,13 +59,28 @@ def param_groups(model: nn.Module, base_lr: float, lr_backbone: float, backbone_
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.AdamW:
     """AdamW (β 0.9/0.999, eps 1e-8, SOLVER.WEIGHT_DECAY on every group) over :func:`param_groups` with the
-    SOLVER.* learning rates; applies SOLVER.FROZEN_PARAMS first. ``model`` is the bare (unwrapped) model."""
+    SOLVER.* learning rates; applies SOLVER.FROZEN_PARAMS first. ``model`` is the bare (unwrapped) model,
+    already on its device. SOLVER.FUSED_ADAMW (project key, default False) picks the fused CUDA kernel."""
     s = cfg.SOLVER
     freeze_parameters(model, s.FROZEN_PARAMS)
     groups = param_groups(model, s.BASE_LR, s.LR_BACKBONE, s.BACKBONE_NAMES, s.LR_LINEAR_PROJ_NAMES,
                           s.LR_LINEAR_PROJ_MULT, s.LR_MASK_HEAD_NAMES, s.LR_MASK_HEAD_MULT,
                           s.DEVIS.LR_TEMPORAL_LINEAR_PROJ_NAMES, s.DEVIS.LR_TEMPORAL_LINEAR_PROJ_MULT)
-    return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=s.WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=s.BASE_LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=s.WEIGHT_DECAY,
+                             **adamw_kernel(bool(s.FUSED_ADAMW), model))
+
+
+def adamw_kernel(fused: bool, model: nn.Module) -> dict:
+    """AdamW implementation keywords. ``fused`` (SOLVER.FUSED_ADAMW): one fused kernel per parameter group
+    instead of the multi-tensor (foreach) loop; it rounds differently, so it is opt-in, and it needs
+    every parameter on CUDA (elsewhere it raises, naming the key)."""
+    if not fused:
+        return {}
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cuda"}:
+        raise ValueError(f"SOLVER.FUSED_ADAMW=True needs every parameter on a CUDA device, got {sorted(devices)}; "
+                         "move the model to the GPU before building the optimiser or set it to False")
+    return {"fused": True}
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:

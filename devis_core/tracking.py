@@ -96,10 +96,26 @@ def encode_mask(prob: Tensor) -> dict:
 
     prob: (H, W) probabilities. Returns ``{"size": [H, W], "counts": str}`` (pycocotools, Fortran order).
     """
-    binary = (prob > 0.5).cpu().numpy().astype(np.uint8)
-    rle = mask_util.encode(np.asfortranarray(binary))
-    rle["counts"] = rle["counts"].decode("utf-8")
-    return rle
+    return encode_masks(prob[None])[0]
+
+
+def encode_masks(probs: Tensor | Sequence[Tensor]) -> list[dict]:
+    """:func:`encode_mask` of N maps with ONE device-to-host transfer (each transfer waits for the device).
+
+    probs: (N, H, W) probabilities, or a sequence of N (H, W) maps on one device, each probabilities or
+    already binarised (bool). Returns N RLE dicts.
+    """
+    if isinstance(probs, Tensor):
+        binary = probs > 0.5
+    elif not probs:
+        return []
+    else:
+        binary = torch.stack([p if p.dtype == torch.bool else p > 0.5 for p in probs])
+    binary = binary.cpu().numpy().astype(np.uint8)
+    rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("utf-8")
+    return list(rles)
 
 
 def soft_mask_iou(windows_a: Sequence[Sequence[Tensor]], windows_b: Sequence[Sequence[Tensor]],
@@ -116,9 +132,11 @@ def soft_mask_iou(windows_a: Sequence[Sequence[Tensor]], windows_b: Sequence[Seq
     num_f = len(windows_a[0])
     if any(len(w) != num_f for w in list(windows_a) + list(windows_b)):
         raise ValueError("soft_mask_iou: every window must hold the same number of frames")
-    inter = torch.zeros(num_f, len(windows_a), len(windows_b), dtype=torch.float64)
-    sum_a = torch.zeros(num_f, len(windows_a), 1, dtype=torch.float64)
-    sum_b = torch.zeros(num_f, 1, len(windows_b), dtype=torch.float64)
+    # Accumulated where the maps live and read back once at the end (a read per block waits each time).
+    device = windows_a[0][0].device
+    inter = torch.zeros(num_f, len(windows_a), len(windows_b), dtype=torch.float64, device=device)
+    sum_a = torch.zeros(num_f, len(windows_a), 1, dtype=torch.float64, device=device)
+    sum_b = torch.zeros(num_f, 1, len(windows_b), dtype=torch.float64, device=device)
     for f in range(num_f):
         flat_a = [w[f].reshape(-1) for w in windows_a]
         flat_b = [w[f].reshape(-1) for w in windows_b]
@@ -127,9 +145,12 @@ def soft_mask_iou(windows_a: Sequence[Sequence[Tensor]], windows_b: Sequence[Seq
         for p0 in range(0, pixels, block):
             a = torch.stack([m[p0:p0 + block] for m in flat_a]).to(torch.float64)
             b = torch.stack([m[p0:p0 + block] for m in flat_b]).to(torch.float64)
-            inter[f] += (a @ b.T).cpu()
-            sum_a[f] += a.sum(1, keepdim=True).cpu()
-            sum_b[f] += b.sum(1)[None].cpu()
+            inter[f] += a @ b.T
+            sum_a[f] += a.sum(1, keepdim=True)
+            sum_b[f] += b.sum(1)[None]
+    host = torch.cat([inter.flatten(), sum_a.flatten(), sum_b.flatten()]).cpu()
+    inter, sum_a, sum_b = (t.view_as(ref) for t, ref in zip(
+        torch.split(host, [inter.numel(), sum_a.numel(), sum_b.numel()]), (inter, sum_a, sum_b)))
     if frame_average:
         union = (sum_a + sum_b - inter).clamp(min=UNION_EPS)
         return (inter / union).mean(0).numpy()
@@ -358,16 +379,18 @@ class ClipTracker:
         masks, inverse = clip_result["masks"], clip_result["inverse_idxs"]
         if tuple(inverse.shape) != (num_k,):
             raise ValueError(f"{where}: 'inverse_idxs' must be ({num_k},), got {tuple(inverse.shape)}")
-        if masks.dim() != 4 or masks.shape[0] < clip_length or (num_k and int(inverse.max()) >= masks.shape[1]):
+        # One transfer for all per-detection values: float64 holds the float32 scores / boxes and the
+        # integer labels / indices exactly.
+        parts = [scores, clip_result["labels"], clip_result["boxes"], clip_result["center_points"]]
+        parts = [p[:clip_length].detach() for p in parts] + [inverse.detach()]
+        host = torch.cat([p.to(scores.device, torch.float64).reshape(-1) for p in parts]).cpu().numpy()
+        sc, lab, box, cen, inv = np.split(host, np.cumsum([p.numel() for p in parts])[:-1])
+        if masks.dim() != 4 or masks.shape[0] < clip_length or (num_k and int(inv.max()) >= masks.shape[1]):
             raise ValueError(f"{where}: 'masks' must be (T, U, h, w) with U > max(inverse_idxs), "
                              f"got {tuple(masks.shape)}")
-
-        def host(t: Tensor, dtype) -> np.ndarray:
-            return t[:clip_length].detach().cpu().numpy().astype(dtype)
-
-        clip = _Clip(host(scores, np.float64), host(clip_result["labels"], np.int64),
-                     host(clip_result["boxes"], np.float64), host(clip_result["center_points"], np.float64),
-                     [int(i) for i in inverse.tolist()], index=self.num_clips)
+        clip = _Clip(sc.reshape(clip_length, num_k), lab.astype(np.int64).reshape(clip_length, num_k),
+                     box.reshape(clip_length, num_k, 4), cen.reshape(clip_length, num_k, 2),
+                     [int(i) for i in inv], index=self.num_clips)
         return clip, masks[:clip_length].detach()
 
     def _process_masks(self, clip: _Clip, masks: Tensor, skip: int, last: bool) -> None:
@@ -379,10 +402,15 @@ class ClipTracker:
                 soft.update(range(skip, skip + o))
             if not last:
                 soft.update(range(n - o, n))
+        to_encode: list[tuple[int, int, Tensor]] = []
         for mask_id in sorted(set(clip.mask_ids)):
             probs = upsample_mask_probs(masks[:, mask_id], self.original_size)
             # Clone kept frames so the other frames of this stack can be freed.
-            clip.masks[mask_id] = [probs[t].clone() if t in soft else encode_mask(probs[t]) for t in range(n)]
+            clip.masks[mask_id] = [probs[t].clone() if t in soft else None for t in range(n)]
+            to_encode += [(mask_id, t, probs[t] > 0.5) for t in range(n) if t not in soft]
+        # Every final frame of every mask binarised, then read back and encoded together.
+        for (mask_id, t, _), rle in zip(to_encode, encode_masks([b for _, _, b in to_encode])):
+            clip.masks[mask_id][t] = rle
 
     # ------------------------------------------------------------------------------------- stitching
     def _match(self, track_ids: Sequence[int], clip: _Clip, clip_ks: Sequence[int], skip: int) -> list[tuple[int, int]]:
@@ -442,9 +470,7 @@ class ClipTracker:
         """Encode the frames that are now final and move the cursor by clip_length − o."""
         step = self.clip_length - self.overlap
         frames = range(max(self.last_t - self.overlap, 0), min(self.last_t - self.overlap + step, self.video_length))
-        cache: dict = {}
-        for track in self.tracks:
-            _encode_frames(track, frames, cache)
+        _encode_frames(self.tracks, frames)
         self.last_t += step
 
     def add_clip(self, clip_result: Mapping[str, Tensor], start_idx: int, clip_length: int | None = None) -> None:
@@ -526,7 +552,7 @@ class ClipTracker:
             raise RuntimeError(f"video {self.video_id}: frames [{self.last_t}, {self.video_length}) were never "
                                "covered by a clip")
         self.finished = True
-        entries, cache = [], {}
+        kept: list[tuple[_Track, float]] = []
         for track in self.tracks:
             has = ~np.isnan(track.scores)
             track.valid &= has & np.array([m is not None for m in track.masks])
@@ -537,7 +563,10 @@ class ClipTracker:
             score = final_score(track.scores[track.valid], self.final_score_policy)
             if self.min_track_score != 0 and not score > self.min_track_score:
                 continue
-            _encode_frames(track, range(self.video_length), cache)
+            kept.append((track, score))
+        _encode_frames([track for track, _ in kept], range(self.video_length))
+        entries = []
+        for track, score in kept:
             entry = {"video_id": self.video_id, "score": score,
                      "category_id": final_category(track.categories[track.valid], track.scores[track.valid],
                                                    self.final_class_policy),
@@ -550,20 +579,23 @@ class ClipTracker:
         return entries
 
 
-def _encode_frames(track: _Track, frames: Sequence[int], cache: dict) -> None:
-    """RLE-encode the soft masks of ``frames``; a frame without a mask becomes invalid.
-
-    ``cache`` maps id(map) -> (map, RLE) so tracks sharing a trajectory's map encode it once; it holds the
-    map itself so the id cannot be reused while the cache lives.
-    """
-    for f in frames:
-        mask = track.masks[f]
-        if mask is None:
-            track.valid[f] = False
-        elif not isinstance(mask, dict):
-            if id(mask) not in cache:
-                cache[id(mask)] = (mask, encode_mask(mask))
-            track.masks[f] = cache[id(mask)][1]
+def _encode_frames(tracks: Sequence[_Track], frames: Sequence[int]) -> None:
+    """RLE-encode the soft masks of ``frames`` of every track (one transfer for all); a frame without a
+    mask becomes invalid. Tracks sharing a trajectory's map (the same tensor object) encode it once."""
+    todo: dict[int, Tensor] = {}
+    for track in tracks:
+        for f in frames:
+            mask = track.masks[f]
+            if mask is None:
+                track.valid[f] = False
+            elif not isinstance(mask, dict):
+                todo.setdefault(id(mask), mask)
+    rles = dict(zip(todo, encode_masks(list(todo.values()))))
+    for track in tracks:
+        for f in frames:
+            mask = track.masks[f]
+            if mask is not None and not isinstance(mask, dict):
+                track.masks[f] = rles[id(mask)]
 
 
 def build_tracker(cfg, video_id: int, video_length: int, original_size: Sequence[int]) -> ClipTracker:

@@ -26,6 +26,7 @@ from devis_core.distributed import (EpochSeededDataset, ShardedEpochSampler, bar
                                     seed_everything)
 from devis_core.engine import evaluate_coco, prepare_for_amp, train_one_epoch, validation_loss
 from devis_core.logging_utils import build_training_log
+from devis_core.precision import configure_tf32
 
 
 def _seeded_generator(seed: int) -> torch.Generator:
@@ -174,6 +175,7 @@ def _run(cfg, rank, world, device, resume, eval_only, callbacks) -> dict:
     from devis_core.optim import build_optimizer, build_scheduler
 
     seed_everything(int(cfg.SEED) + rank, bool(cfg.SOLVER.DETERMINISTIC))
+    configure_tf32(bool(cfg.TF32))
     out_dir = Path(cfg.OUTPUT_DIR)
     main = is_main_process()
     if main:
@@ -219,6 +221,7 @@ def _run(cfg, rank, world, device, resume, eval_only, callbacks) -> dict:
 
     batch = int(cfg.SOLVER.BATCH_SIZE)
     every = int(cfg.SOLVER.CHECKPOINT_ITERS)
+    log.log({"kind": "start", "epoch": start_epoch, "iteration": start_iter, "resumed": bool(resume)})
     last_train, last_eval = {}, {}
     for epoch in range(start_epoch, int(cfg.SOLVER.EPOCHS) + 1):
         skip = start_iter if epoch == start_epoch else 0

@@ -7,8 +7,9 @@ N_q=30 (float32), and checks that every variant computes what the first one comp
 
     python ops/tune_launch.py --variants base,fwd4,bwd2 --out tune.json
 
-A variant is a name from VARIANTS. "noatomic" drops the value-gradient atomics (a diagnostic of
-how much of the backward they cost; its value gradient is wrong by design and not compared).
+A variant is a name from VARIANTS. "noatomic" drops the value-gradient atomics, "skipl3" / "skipl23"
+those of the coarsest one / two levels (diagnostics of how much of the backward they cost; their value
+gradient is wrong by design and not compared).
 """
 from __future__ import annotations
 
@@ -33,13 +34,24 @@ from devis_core.benchmarks.attention import DEVIS_CASES, make_inputs  # noqa: E4
 _ONLY_D32 = [("case 16: f(tag, std::integral_constant<int, 16>{}); break;", ""),
              ("case 64: f(tag, std::integral_constant<int, 64>{}); break;", ""),
              ("case at::kHalf: by_dim(at::Half{}); break;", "")]
+_LEVEL_OF = """__device__ __forceinline__ int level_of(int s, int nc, const Shape& sh) {
+  return s < nc ? s / sh.Pc : ((s - nc) % (sh.L * sh.Pt)) / sh.Pt;
+}
+"""
 VARIANTS = {
     "base": {},
     "noswizzle": {"DEVIS_TILE_SWIZZLE": 0},
     "fwd3": {"DEVIS_FWD_MIN_BLOCKS": 3},
     "bwd3": {"DEVIS_BWD_MIN_BLOCKS": 3},
     "batch4": {"DEVIS_FWD_BATCH": 4, "DEVIS_BWD_BATCH": 4},
-    "noatomic": {"_patch": [("atomic_add4(ghead", "if (sh.T < 0) atomic_add4(ghead")]},
+    "noatomic": {"_patch": [("atomic_add4(ghead", "if (sh.T < 0) atomic_add4(ghead")], "_diagnostic": True},
+    # value-gradient atomics of the coarsest level(s) dropped: what privatising them could save at most
+    "skipl3": {"_patch": [("if (c[b].mask >> i & 1) {",
+                           "if ((c[b].mask >> i & 1) && level_of(base + (k0 + b) * NG + grp, nc, sh) < 3) {"),
+                          ("// ---- backward ----", _LEVEL_OF + "// ---- backward ----")], "_diagnostic": True},
+    "skipl23": {"_patch": [("if (c[b].mask >> i & 1) {",
+                            "if ((c[b].mask >> i & 1) && level_of(base + (k0 + b) * NG + grp, nc, sh) < 2) {"),
+                           ("// ---- backward ----", _LEVEL_OF + "// ---- backward ----")], "_diagnostic": True},
 }
 CASES = [("encoder 360x640", torch.float32), ("encoder 360x640", torch.bfloat16), ("decoder N_q=30", torch.float32)]
 
@@ -143,7 +155,7 @@ def main(argv=None) -> None:
             errs = []
             if key in first:
                 for i, (x, y) in enumerate(zip(r["outs"], first[key])):
-                    if n == "noatomic" and i == 1:
+                    if VARIANTS[n].get("_diagnostic") and i == 1:
                         continue
                     errs.append(((x - y).norm() / y.norm().clamp_min(1e-30)).item())
             else:

@@ -1,5 +1,4 @@
 """Configuration: official YAMLs, overrides and every error of devis_core.config."""
-from pathlib import Path
 
 import pytest
 import yaml

@@ -292,3 +292,63 @@ def test_parity_losses_float32_on_cuda():
             assert got[k].device.type == "cuda"
             assert got[k].item() == pytest.approx(d["losses"][k], rel=1e-5), (name, k)
     assert checked >= 1
+
+
+# -- host bookkeeping of the criterion ------------------------------------------------------------------
+def test_pairs_of_every_layer_hand_checked():
+    """Two clips-as-images: image 0 has entries (valid 1, 0, 1), image 1 has two entries, none present in
+    the match; the index arrays of the class, box and mask losses, per layer, worked out by hand."""
+    crit = SetCriterion(3, NoMatcher(), {}, ("labels", "boxes", "masks"))
+    masks = [torch.zeros(3, 2, 2, dtype=torch.bool), torch.zeros(2, 2, 2, dtype=torch.bool)]
+    targets = [{"labels": torch.tensor([2, 1, 0]), "boxes": f64([TGT] * 3), "valid": torch.tensor([1, 0, 1]),
+                "masks": masks[0]},
+               {"labels": torch.tensor([1, 1]), "boxes": f64([TGT] * 2), "valid": torch.tensor([0, 0]),
+                "masks": masks[1]}]
+    tg = crit._prepare_targets(targets, 3)
+    assert tg.counts == [3, 2] and tg.offsets == [0, 3]
+    assert tg.labels.tolist() == [2, 1, 0, 1, 1] and tg.valid.tolist() == [True, False, True, False, False]
+    assert tuple(tg.masks.shape) == (2, 3, 2, 2)
+    layer_a = [(torch.tensor([4, 7]), torch.tensor([1, 0])), (torch.tensor([5]), torch.tensor([1]))]
+    layer_b = [(torch.tensor([0]), torch.tensor([2])), (torch.tensor([], dtype=torch.int64),) * 2]
+    a, b = crit._pairs(tg, [layer_a, layer_b], torch.device("cpu"))
+    # layer a: image 0 pairs (q4 -> entry 1 absent, q7 -> entry 0 present): one positive, both regressed;
+    # image 1 pair (q5 -> entry 1 absent): no present entry in that image, so nothing regressed.
+    assert (a.pos_batch.tolist(), a.pos_query.tolist(), a.pos_label.tolist()) == ([0], [7], [2])
+    assert (a.reg_batch.tolist(), a.reg_query.tolist(), a.reg_target.tolist()) == ([0, 0], [4, 7], [1, 0])
+    assert a.reg_rank.tolist() == [0, 1] and a.reg_mask_row.tolist() == [1, 0]
+    assert (a.num_matched, a.num_pos) == (3, 1)
+    assert (b.pos_query.tolist(), b.pos_label.tolist(), b.reg_target.tolist(), b.reg_mask_row.tolist()) == \
+        ([0], [0], [2], [2])
+    assert (b.num_matched, b.num_pos) == (1, 1)
+
+
+def test_target_checks_cover_every_entry():
+    outputs = {"pred_logits": f64([LOGITS]), "pred_boxes": f64([PRED]),
+               "indices": [(torch.tensor([1]), torch.tensor([0]))]}
+    # an unmatched entry with a label outside the logits is refused too
+    with pytest.raises(ValueError, match="batch element 0 has target labels \\[1, 2\\]"):
+        SetCriterion(2, NoMatcher(), {})(outputs, [{"labels": torch.tensor([1, 2]), "boxes": f64([TGT, TGT])}])
+    bad = [{"labels": torch.tensor([1, 0]), "boxes": f64([TGT, [0.5, 0.5, -0.1, 0.2]])}]
+    with pytest.raises(ValueError, match="batch element 0, target entry 1 has box .*w, h >= 0"):
+        SetCriterion(2, NoMatcher(), {})(outputs, bad)
+    bad[0]["boxes"][1] = f64([math.nan, 0.5, 0.1, 0.2])
+    with pytest.raises(ValueError, match="target entry 1 has box \\[nan"):
+        SetCriterion(2, NoMatcher(), {})(outputs, bad)
+
+
+def test_layers_without_indices_are_matched_in_one_call():
+    class CountingMatcher:
+        def __init__(self):
+            self.calls, self.inner = [], HungarianMatcher()
+
+        def match_layers(self, layers, targets):
+            self.calls.append(len(layers))
+            return self.inner.match_layers(layers, targets)
+
+    layer = {"pred_logits": f64([LOGITS]), "pred_boxes": f64([PRED])}
+    outputs = dict(layer, aux_outputs=[dict(layer), dict(layer, indices=[(torch.tensor([0]), torch.tensor([0]))])])
+    m = CountingMatcher()
+    losses = SetCriterion(2, m, {})(outputs, [{"labels": torch.tensor([1]), "boxes": f64([TGT])}])
+    assert m.calls == [2]                        # final + aux 0 together; aux 1 brought its own indices
+    assert losses["loss_bbox_0"].item() == losses["loss_bbox"].item()
+    assert losses["loss_bbox_1"].item() == pytest.approx(sum(abs(a - b) for a, b in zip(PRED[0], TGT)), rel=1e-13)

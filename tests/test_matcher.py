@@ -220,3 +220,72 @@ def test_parity_devis_clip_matcher_indices():
     ep, et, ev = d["matcher_indices"][0]
     assert torch.equal(p, ep) and torch.equal(t, et)
     assert torch.equal(d["targets"][0]["valid"][t].bool(), ev)
+
+
+# -- several decoder layers in one call ---------------------------------------------------------------
+def _random_layers(d_len, b, q, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"pred_logits": torch.randn(b, q, k, generator=g, dtype=torch.float64),
+             "pred_boxes": 0.2 + 0.6 * torch.rand(b, q, 4, generator=g, dtype=torch.float64)} for _ in range(d_len)]
+
+
+def _count_transfers(monkeypatch):
+    import devis_core.matcher as matcher_module
+    calls = []
+    real = matcher_module._to_host
+
+    def counting(costs):
+        calls.append(len(costs))
+        return real(costs)
+    monkeypatch.setattr(matcher_module, "_to_host", counting)
+    return calls
+
+
+def test_match_layers_equals_one_call_per_layer_with_one_transfer(monkeypatch):
+    from devis_core.matcher import match_layers
+    g = torch.Generator().manual_seed(1)
+    # clip matcher: T=3 frames, N_q=4 slots, two clips (one without instances), 3 layers
+    clip_layers = _random_layers(3, 2, 12, 5)
+    boxes = 0.2 + 0.6 * torch.rand(6, 4, generator=g, dtype=torch.float64)
+    clips = [{"labels": torch.tensor([1, 1, 1, 4, 4, 4]), "boxes": boxes},
+             {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4, dtype=torch.float64)}]
+    image_layers = _random_layers(3, 2, 6, 5, seed=2)
+    images = [{"labels": torch.tensor([0, 3]), "boxes": boxes[:2]}, {"labels": torch.tensor([2]), "boxes": boxes[2:3]}]
+    for matcher, layers, targets in ((ClipHungarianMatcher(num_frames=3), clip_layers, clips),
+                                     (HungarianMatcher(), image_layers, images)):
+        one_by_one = [matcher(o, targets) for o in layers]
+        calls = _count_transfers(monkeypatch)
+        together = match_layers(matcher, layers, targets)
+        assert len(calls) == 1                      # every layer's and clip's costs in one transfer
+        assert len(together) == 3
+        for a, b in zip(one_by_one, together):
+            for (sa, ta), (sb, tb) in zip(a, b):
+                assert torch.equal(sa, sb) and torch.equal(ta, tb)
+        monkeypatch.undo()
+    # the layers are genuinely different problems: not every layer got the same assignment
+    assert len({tuple(ind[0][0].tolist()) for ind in together}) > 1 or len(together[0][0][0]) <= 1
+
+
+def test_batched_costs_equal_per_layer_costs_and_a_plain_callable_is_looped():
+    from devis_core.matcher import match_layers, matching_cost
+    g = torch.Generator().manual_seed(3)
+    prob = torch.rand(4, 3, 5, 6, generator=g, dtype=torch.float64)          # (D, T, Q, K)
+    pred = 0.2 + 0.6 * torch.rand(4, 3, 5, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[0, 0, 0], [5, 5, 5]])
+    tgt = 0.2 + 0.6 * torch.rand(2, 3, 4, generator=g, dtype=torch.float64)
+    batched = matching_cost(prob, pred, labels, tgt, 1.0, 5.0, 2.0, l1_coord_reduction="mean")
+    assert batched.shape == (4, 5, 2)
+    for d in range(4):
+        assert torch.equal(batched[d], matching_cost(prob[d], pred[d], labels, tgt, 1.0, 5.0, 2.0,
+                                                     l1_coord_reduction="mean"))
+    seen = []
+    assert match_layers(lambda o, t: seen.append(o) or "ok", [{"a": 1}, {"a": 2}], []) == ["ok", "ok"]
+    assert seen == [{"a": 1}, {"a": 2}]
+
+
+def test_match_layers_names_the_layer_with_a_nan():
+    layers = _random_layers(2, 1, 4, 3)
+    layers[1]["pred_boxes"][0, 2, 0] = math.nan
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]], dtype=torch.float64)}]
+    with pytest.raises(ValueError, match="image 0, layer entry 1: the matching cost contains NaN"):
+        HungarianMatcher().match_layers(layers, targets)

@@ -79,3 +79,33 @@ def test_real_devis_model_groups_match_spec_table():
     assert any("temporal_embed" in n for n in base) and any("query_embed" in n for n in base)
     trainable = sum(p.requires_grad for p in model.parameters())
     assert sum(len(g["params"]) for g in opt.param_groups) == trainable
+
+
+def test_fused_adamw_is_opt_in_and_needs_cuda_parameters():
+    from devis_core.optim import adamw_kernel
+    cfg = load_config(None, [], freeze=False)
+    assert not build_optimizer(cfg, Toy()).defaults.get("fused")          # default: the foreach kernel
+    cfg.SOLVER.FUSED_ADAMW = True
+    with pytest.raises(ValueError, match="SOLVER.FUSED_ADAMW=True needs every parameter on a CUDA device"):
+        build_optimizer(cfg, Toy())
+    assert adamw_kernel(False, Toy()) == {}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_adamw_steps_like_the_default_within_rounding():
+    cfg = load_config(None, [], freeze=False)
+    models = [Toy().cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg.SOLVER.FUSED_ADAMW = True
+    fused = build_optimizer(cfg, models[1])
+    cfg.SOLVER.FUSED_ADAMW = False
+    plain = build_optimizer(cfg, models[0])
+    assert fused.defaults["fused"] and not plain.defaults.get("fused")
+    for _ in range(3):
+        for model, opt in zip(models, (plain, fused)):
+            opt.zero_grad()
+            sum((p ** 2).sum() for p in model.parameters()).backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

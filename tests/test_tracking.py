@@ -11,7 +11,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from devis_core.config import get_cfg_defaults, load_config
+from devis_core.config import get_cfg_defaults
 from devis_core.results import merge_results, read_results, write_results
 from devis_core.tracking import (ClipTracker, binary_mask_iou, build_tracker, centre_distance, class_agreement,
                                  final_category, final_score, partition_clips, score_distance, soft_mask_iou,
@@ -359,3 +359,21 @@ def test_merge_results_keeps_each_video_once():
     assert [(e["video_id"], e["score"]) for e in merged] == [(1, 0.5), (1, 0.1), (2, 0.5)]
     with pytest.raises(ValueError, match="mixes videos"):
         merge_results([[_entry(1), _entry(2)]])
+
+
+def test_encode_masks_batches_the_same_rles_as_one_by_one():
+    from pycocotools import mask as mask_util
+
+    from devis_core.tracking import encode_mask, encode_masks
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 5, 7, generator=g)
+    probs[1] = 0.5                                    # exactly 0.5 is background (> 0.5 is foreground)
+    batched = encode_masks(probs)
+    listed = encode_masks([probs[0], probs[1] > 0.5, probs[2]])       # probabilities or ready binaries
+    for i in range(3):
+        decoded = mask_util.decode(dict(batched[i], counts=batched[i]["counts"].encode()))
+        assert decoded.tolist() == (probs[i] > 0.5).to(torch.uint8).tolist()
+        assert batched[i] == listed[i] == encode_mask(probs[i])
+        assert batched[i]["size"] == [5, 7] and isinstance(batched[i]["counts"], str)
+    assert not mask_util.decode(dict(batched[1], counts=batched[1]["counts"].encode())).any()
+    assert encode_masks([]) == []

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from devis_core import checkpoint as ckpt
 from devis_core.config import load_config
 from devis_core.criterion import build_criterion
 from devis_core.data.synthetic import make_synthetic_coco, make_synthetic_vis
@@ -160,3 +159,15 @@ def test_evaluation_during_training_logs_ap_val_loss_and_keeps_best(kind, data_p
     assert best["best"] == {"AP": evals[0]["AP"], "epoch": 1} == summary["best"]
     assert [r["kind"] for r in seen] == [r["kind"] for r in read_json_lines(out / "metrics.jsonl")]
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["kind"] == "done"
+
+
+def test_read_losses_is_one_transfer_of_the_same_floats():
+    from devis_core.engine import _read_losses
+    losses = {"loss_ce": torch.tensor(0.1, dtype=torch.float32), "loss_bbox": torch.tensor(0.3, dtype=torch.float64),
+              "class_error": torch.tensor(25.0), "loss_unweighted": torch.tensor(7.0)}
+    weights = {"loss_ce": 2.0, "loss_bbox": 5.0}
+    total = losses["loss_ce"] * 2.0 + losses["loss_bbox"] * 5.0
+    value, terms = _read_losses(total, losses, weights)
+    assert value == float(total)
+    assert terms == {"loss_ce": float(losses["loss_ce"]) * 2.0, "loss_bbox": float(losses["loss_bbox"]) * 5.0,
+                     "class_error": 25.0}

@@ -444,3 +444,24 @@ def test_build_rejects_coco_dataset(tmp_path):
     cfg.DATASETS.TRAIN_DATASET = "synthetic_coco_train"
     with pytest.raises(DatasetError, match="'synthetic_coco_train' is a 'coco' dataset"):
         build_vis_train_dataset(cfg)
+
+
+def test_collate_pads_clip_and_target_masks_to_multiples():
+    from devis_core.data.vis import collate_clips
+
+    frames = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).view(2, 3, 5, 7)
+    masks = torch.zeros(4, 5, 7, dtype=torch.bool)
+    masks[1, 4, 6] = True                       # bottom-right pixel of the clip
+    target = {"masks": masks, "boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]]), "size": torch.tensor([5, 7])}
+    plain, (t0,) = collate_clips([(frames, target)])
+    assert plain.tensors.shape == (2, 3, 5, 7) and not plain.mask.any() and t0["masks"] is masks
+    padded, (t1,) = collate_clips([(frames, target)], pad_multiple=4)
+    assert padded.tensors.shape == (2, 3, 8, 8)
+    assert torch.equal(padded.tensors[:, :, :5, :7], frames)
+    assert not padded.tensors[:, :, 5:].any() and not padded.tensors[:, :, :, 7:].any()
+    assert not padded.mask[:, :5, :7].any() and padded.mask[:, 5:].all() and padded.mask[:, :, 7:].all()
+    assert t1["masks"].shape == (4, 8, 8) and t1["masks"].dtype == torch.bool
+    assert torch.equal(t1["masks"][:, :5, :7], masks) and int(t1["masks"].sum()) == 1
+    assert torch.equal(t1["boxes"], target["boxes"]) and target["masks"] is masks   # input untouched
+    exact, _ = collate_clips([(frames[..., :4, :4], {"masks": masks[..., :4, :4]})], pad_multiple=4)
+    assert exact.tensors.shape == (2, 3, 4, 4) and not exact.mask.any()

@@ -8,11 +8,13 @@ workers (``build_vis_loader``, NUM_WORKERS); all pixel work is tensor ops on the
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as tF
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -237,15 +239,30 @@ class VISTestDataset(Dataset):
         return self.load_frames(idx), info
 
 
-def collate_clips(batch: Sequence[tuple[Tensor, dict]]) -> tuple[NestedTensor, list[dict]]:
+def collate_clips(batch: Sequence[tuple[Tensor, dict]], pad_multiple: int = 0) -> tuple[NestedTensor, list[dict]]:
     """Stack B training clips into one batch of B·T frames (clip-major), padded to the largest size.
 
     batch: B items of (frames (T, 3, H_b, W_b), target). Returns (NestedTensor tensors (B·T, 3, H, W),
     mask (B·T, H, W) True on padding; list of B targets). DeVIS trains one clip per GPU, then nothing is
-    padded.
+    padded, unless ``pad_multiple`` > 0 (INPUT.TRAIN_PAD_MULTIPLE): H and W are then rounded up to
+    multiples of it, and each target's ``masks`` (N, H_b, W_b) are zero-padded to (N, H, W) so the mask
+    loss compares predictions and targets on the same canvas (boxes stay normalised by the clip's size).
     """
     frames, targets = zip(*batch)
-    return nested_tensor_from_tensor_list([f for clip in frames for f in clip.unbind(0)]), list(targets)
+    nested = nested_tensor_from_tensor_list([f for clip in frames for f in clip.unbind(0)])
+    if pad_multiple <= 0:
+        return nested, list(targets)
+    h, w = nested.tensors.shape[-2:]
+    ph, pw = -h % pad_multiple, -w % pad_multiple
+    nested = NestedTensor(tF.pad(nested.tensors, (0, pw, 0, ph)), tF.pad(nested.mask, (0, pw, 0, ph), value=True))
+    out = []
+    for t in targets:
+        t = dict(t)
+        if "masks" in t:
+            m = t["masks"]
+            t["masks"] = tF.pad(m, (0, w + pw - m.shape[-1], 0, h + ph - m.shape[-2]))
+        out.append(t)
+    return nested, out
 
 
 def collate_videos(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, dict]:
@@ -296,12 +313,14 @@ def build_vis_loader(cfg, dataset: Dataset, train: bool, sampler: Sampler | None
     """DataLoader over a VIS dataset with NUM_WORKERS workers (frames are decoded and augmented there).
 
     Training: SOLVER.BATCH_SIZE clips per batch, shuffled unless a (distributed) ``sampler`` is given,
-    :func:`collate_clips`. Test: one video per batch in order, :func:`collate_videos`.
+    :func:`collate_clips` (padded to multiples of INPUT.TRAIN_PAD_MULTIPLE). Test: one video per batch
+    in order, :func:`collate_videos`.
     """
     workers = int(cfg.NUM_WORKERS)
     common = {"num_workers": workers, "persistent_workers": False, "pin_memory": False}
     if train:
+        collate = functools.partial(collate_clips, pad_multiple=int(cfg.INPUT.TRAIN_PAD_MULTIPLE))
         return DataLoader(dataset, batch_size=int(cfg.SOLVER.BATCH_SIZE), shuffle=sampler is None,
-                          sampler=sampler, collate_fn=collate_clips, drop_last=False, generator=generator,
+                          sampler=sampler, collate_fn=collate, drop_last=False, generator=generator,
                           **common)
     return DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, collate_fn=collate_videos, **common)

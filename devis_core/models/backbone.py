@@ -13,6 +13,9 @@ STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_CHANNELS = {"resnet50": (256, 512, 1024, 2048), "resnet101": (256, 512, 1024, 2048)}
 
 
+BACKBONE_NORMS = ("frozen_bn", "group_norm")
+
+
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine terms, all buffers: y = x*s + (b - mean*s),
     s = weight / sqrt(var + 1e-5)."""
@@ -23,6 +26,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(n))
         self.register_buffer("running_mean", torch.zeros(n))
         self.register_buffer("running_var", torch.ones(n))
+        self._affine: tuple | None = None     # (key, scale, shift), see _scale_shift
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -31,11 +35,24 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _scale_shift(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift), each (1, C, 1, 1), recomputed only when a buffer changed (load_state_dict,
+        .to(), an in-place edit: the key holds each buffer's storage and version counter). The buffers
+        never train, so the same values would otherwise be recomputed by four small kernels in every
+        forward of every one of the ResNet's 53 norm layers."""
+        bufs = (self.weight, self.bias, self.running_mean, self.running_var)
+        key = tuple((b.data_ptr(), b._version, b.dtype, b.device) for b in bufs)
+        if self._affine is None or self._affine[0] != key:
+            with torch.no_grad():
+                scale = self.weight * (self.running_var + 1e-5).rsqrt()
+                shift = self.bias - self.running_mean * scale
+            self._affine = (key, scale[None, :, None, None], shift[None, :, None, None])
+        return self._affine[1], self._affine[2]
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
-        scale = self.weight * (self.running_var + 1e-5).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        scale, shift = self._scale_shift()
+        return x * scale + shift
 
 
 def downsample_mask(mask: Tensor, size) -> Tensor:
@@ -43,22 +60,33 @@ def downsample_mask(mask: Tensor, size) -> Tensor:
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
 
+def _group_norm(n: int) -> nn.GroupNorm:
+    # 32 groups as in the group-norm paper; every ResNet width (64 .. 2048) divides by 32
+    return nn.GroupNorm(32, n)
+
+
 class ResNetBody(nn.Module):
     """torchvision ResNet without its classifier; state names ``body.conv1.weight``, ``body.layer1.0...``."""
 
-    def __init__(self, name: str = "resnet50", dilation: bool = False, train_backbone: bool = True):
+    def __init__(self, name: str = "resnet50", dilation: bool = False, train_backbone: bool = True,
+                 norm: str = "frozen_bn"):
         super().__init__()
         if name not in STAGE_CHANNELS:
             raise ValueError(f"MODEL.BACKBONE is {name!r}; this workbench supports {sorted(STAGE_CHANNELS)}")
+        if norm not in BACKBONE_NORMS:
+            raise ValueError(f"MODEL.BACKBONE_NORM is {norm!r}; expected one of {BACKBONE_NORMS}")
+        norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else _group_norm
         resnet = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                                                   norm_layer=FrozenBatchNorm2d)
+                                                   norm_layer=norm_layer)
         self.body = nn.ModuleDict({k: getattr(resnet, k) for k in
                                    ("conv1", "bn1", "relu", "maxpool") + STAGE_NAMES})
         self.num_channels = list(STAGE_CHANNELS[name])
         self.strides = [4, 8, 16, 16 if dilation else 32]
         for pname, p in self.body.named_parameters():
-            # Official rule: the stem and layer1 never train; with LR_BACKBONE == 0 nothing does.
-            trainable = train_backbone and any(s in pname for s in ("layer2", "layer3", "layer4"))
+            # Official rule: the stem and layer1 never train; with LR_BACKBONE == 0 nothing does. From
+            # random initialisation (group norm) a frozen random stem would only throw information away.
+            trainable = train_backbone and (norm == "group_norm"
+                                            or any(s in pname for s in ("layer2", "layer3", "layer4")))
             p.requires_grad_(trainable)
 
     def forward(self, samples: NestedTensor) -> list[NestedTensor]:
@@ -90,8 +118,9 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(cfg) -> Joiner:
-    """ResNet (MODEL.BACKBONE, MODEL.BACKBONE_DILATION) + position encoding; trainable iff
-    SOLVER.LR_BACKBONE != 0. ImageNet weights are loaded by ``devis_core.checkpoint`` from
+    """ResNet (MODEL.BACKBONE, MODEL.BACKBONE_DILATION, MODEL.BACKBONE_NORM) + position encoding;
+    trainable iff SOLVER.LR_BACKBONE != 0. ImageNet weights are loaded by ``devis_core.checkpoint`` from
     MODEL.BACKBONE_WEIGHTS (never downloaded)."""
-    body = ResNetBody(cfg.MODEL.BACKBONE, cfg.MODEL.BACKBONE_DILATION, train_backbone=cfg.SOLVER.LR_BACKBONE != 0)
+    body = ResNetBody(cfg.MODEL.BACKBONE, cfg.MODEL.BACKBONE_DILATION, train_backbone=cfg.SOLVER.LR_BACKBONE != 0,
+                      norm=cfg.MODEL.BACKBONE_NORM)
     return Joiner(body, build_position_encoding(cfg))

@@ -130,9 +130,8 @@ class MSDeformAttn(nn.Module):
         t, q, _ = query.shape
         s = value_input.shape[1]
         m, lv, p = self.n_heads, self.n_levels, self.n_points
-        if int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum()) != s:
-            raise ValueError(f"MSDeformAttn: value has {s} tokens, spatial_shapes {spatial_shapes.tolist()} "
-                             "sum to a different count")
+        # The token count against spatial_shapes is checked by ms_deform_attn on a cached host copy;
+        # checking it here too would read the device every layer.
         value = self.value_proj(value_input)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)

@@ -46,17 +46,18 @@ class DeVIS(DeformableDETRSegm):
         logits = self.mask_logits(feats, feats["hs"][layer][0, query], frame_index)
         return logits.view(len(slots), t_len, *logits.shape[-2:])
 
-    def _matched_masks(self, out_layer: dict, feats: dict, layer: int, targets: list[dict]) -> None:
-        if len(targets) != 1:
-            raise ValueError(f"DeVIS: a forward takes one clip, got {len(targets)} target dicts")
-        indices = self.matcher({"pred_logits": out_layer["pred_logits"], "pred_boxes": out_layer["pred_boxes"]},
-                               targets)
+    def _matched_masks(self, out_layer: dict, feats: dict, layer: int) -> None:
+        """Mask logits of the matched (slot, frame) pairs of one layer as ``pred_masks`` (M, h, w)."""
+        indices = out_layer["indices"]
+        if len(indices) != 1:
+            raise ValueError(f"DeVIS: a forward takes one clip, got {len(indices)} target dicts")
         hs = feats["hs"][layer][0]
-        query = indices[0][0].to(hs.device)
-        out_layer["indices"] = indices
-        # The frame of prediction t*N_q + i is t: its embedding reads that frame's maps only.
-        frame_index = torch.div(query, self.num_slots, rounding_mode="floor")
-        out_layer["pred_masks"] = self.mask_logits(feats, hs[query], frame_index)
+        query = indices[0][0]
+        # The frame of prediction t*N_q + i is t: its embedding reads that frame's maps only (computed on
+        # the host copy of the indices, then moved with them).
+        both = torch.stack([query, torch.div(query, self.num_slots, rounding_mode="floor")]).to(hs.device,
+                                                                                                non_blocking=True)
+        out_layer["pred_masks"] = self.mask_logits(feats, hs[both[0]], both[1])
 
     def forward(self, samples, targets: list[dict] | None = None) -> dict:
         """samples: NestedTensor of the clip, frames (T, 3, H, W) + mask (T, H, W); targets: one dict
@@ -64,19 +65,15 @@ class DeVIS(DeformableDETRSegm):
         training.
 
         Returns pred_logits (1, T*N_q, K), pred_boxes (1, T*N_q, 4), aux_outputs; with targets
-        ``indices`` and ``pred_masks`` (matched pairs, (M, h, w)) in the final dict and in each aux layer
-        of ``mask_aux_loss`` (training only).
+        ``indices`` in the final dict and every aux dict (all layers matched in one call), and
+        ``pred_masks`` (matched pairs, (M, h, w)) in the final dict and in each aux layer of
+        ``mask_aux_loss`` (training only).
         """
+        if targets is not None and len(targets) != 1:
+            raise ValueError(f"DeVIS: a forward takes one clip, got {len(targets)} target dicts")
         feats = self.def_detr.forward_features(samples)
         out = self.def_detr.predict(feats)
-        if self.training and targets is None:
-            raise ValueError("DeVIS: training forward needs targets (the matcher picks the embeddings that "
-                             "get masks)")
-        if targets is not None:
-            self._matched_masks(out, feats, -1, targets)
-            if self.training:
-                for lvl in self.mask_aux_loss:
-                    self._matched_masks(out["aux_outputs"][lvl], feats, lvl, targets)
+        self._training_outputs(out, feats, targets)
         return out
 
     @torch.no_grad()

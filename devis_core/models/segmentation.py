@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from devis_core.matcher import match_layers
+
 from .deformable_detr import DeformableDETR, build_deformable_detr
 from .mask_head import MaskHeadConv, MultiScaleMHAttentionMap
 from .postprocess import topk_detections
@@ -88,36 +90,50 @@ class DeformableDETRSegm(nn.Module):
         att = self.bbox_attention(embeddings, keys, batch_index, masks)
         return self.mask_head(self._head_features(feats), att, batch_index)[:, 0]
 
-    def _matched_masks(self, out_layer: dict, feats: dict, layer: int, targets: list[dict]) -> None:
-        indices = self.matcher({"pred_logits": out_layer["pred_logits"], "pred_boxes": out_layer["pred_boxes"]},
-                               targets)
+    def _match(self, out: dict, targets: list[dict]) -> None:
+        """Store ``indices`` in the final dict and in every aux dict of ``out``: all decoder layers are
+        matched in one batched matcher call (one device-to-host transfer of the costs)."""
+        layers = list(out.get("aux_outputs", [])) + [out]
+        heads = [{"pred_logits": o["pred_logits"], "pred_boxes": o["pred_boxes"]} for o in layers]
+        for o, indices in zip(layers, match_layers(self.matcher, heads, targets)):
+            o["indices"] = indices
+
+    def _matched_masks(self, out_layer: dict, feats: dict, layer: int) -> None:
+        """Mask logits of the matched queries of one layer (``out_layer['indices']``) as ``pred_masks``."""
+        indices = out_layer["indices"]
         hs = feats["hs"][layer]
         device = hs.device
-        batch_index = torch.cat([torch.full((len(src),), b, dtype=torch.long, device=device)
-                                 for b, (src, _) in enumerate(indices)])
-        query_index = torch.cat([src.to(device) for src, _ in indices])
-        out_layer["indices"] = indices
+        batch_index = torch.cat([torch.full((len(src),), b, dtype=torch.long)
+                                 for b, (src, _) in enumerate(indices)]).to(device, non_blocking=True)
+        query_index = torch.cat([src for src, _ in indices]).to(device, non_blocking=True)
         out_layer["pred_masks"] = self.mask_logits(feats, hs[batch_index, query_index], batch_index)
+
+    def _training_outputs(self, out: dict, feats: dict, targets: list[dict] | None) -> None:
+        """With targets: indices for every layer, masks of the matched queries for the last layer and (in
+        training) the ``mask_aux_loss`` layers."""
+        if self.training and targets is None:
+            raise ValueError(f"{type(self).__name__}: training forward needs targets (the matcher picks the "
+                             "embeddings that get masks)")
+        if targets is None:
+            return
+        self._match(out, targets)
+        self._matched_masks(out, feats, -1)
+        if self.training:
+            for lvl in self.mask_aux_loss:
+                self._matched_masks(out["aux_outputs"][lvl], feats, lvl)
 
     def forward(self, samples, targets: list[dict] | None = None) -> dict:
         """samples: NestedTensor images (B, 3, H, W) + mask (B, H, W); targets: B dicts (labels (n,) 0-based,
         boxes (n, 4) normalised cxcywh, masks (n, H_i, W_i)), required in training, optional at eval.
 
         Returns the detector dict (pred_logits (B, Q, K), pred_boxes (B, Q, 4), aux_outputs); with targets,
-        ``indices`` (B pairs (pred_idx, tgt_idx)) and ``pred_masks`` (N_matched, h, w) in the final dict and
-        in each aux layer of ``mask_aux_loss`` (training only); at eval ``topk``: scores, labels,
+        ``indices`` (B pairs (pred_idx, tgt_idx)) in the final dict and every aux dict, and ``pred_masks``
+        (N_matched, h, w) in the final dict and in each aux layer of ``mask_aux_loss`` (training only); at eval ``topk``: scores, labels,
         query_indexes, boxes (B, k, 4) normalised cxcywh and masks (B, k, h, w) logits.
         """
         feats = self.def_detr.forward_features(samples)
         out = self.def_detr.predict(feats)
-        if self.training and targets is None:
-            raise ValueError("DeformableDETRSegm: training forward needs targets (the matcher picks the "
-                             "embeddings that get masks)")
-        if targets is not None:
-            self._matched_masks(out, feats, -1, targets)
-            if self.training:
-                for lvl in self.mask_aux_loss:
-                    self._matched_masks(out["aux_outputs"][lvl], feats, lvl, targets)
+        self._training_outputs(out, feats, targets)
         if not self.training:
             top = topk_detections(out["pred_logits"], out["pred_boxes"], self.num_out)
             b, k = top["query_indexes"].shape

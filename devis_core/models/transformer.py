@@ -7,9 +7,11 @@ from these same classes.
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from devis_core.attention import default_temporal_frames, windowed_temporal_frames
@@ -29,22 +31,49 @@ def valid_ratios(mask: Tensor) -> Tensor:
     return torch.stack([valid_w, valid_h], -1)
 
 
-def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor) -> Tensor:
+class LevelLayout(NamedTuple):
+    """Constants of one set of level sizes on one device (cached by the transformer per shapes/device).
+
+    spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,) int64; centres: (S, 2) float32
+    pixel centres (j+0.5, i+0.5) of every token, levels flattened row-major in order; token_level: (S,)
+    int64 level of every token; extent: (S, 2) float32 (W_l, H_l) of every token's level.
+    """
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    centres: Tensor
+    token_level: Tensor
+    extent: Tensor
+
+
+def level_layout(shapes: Sequence[tuple[int, int]], device=None) -> LevelLayout:
+    """Build the :class:`LevelLayout` of levels ``shapes`` = [(H_l, W_l), ...] on ``device``."""
+    centres, token_level, extent = [], [], []
+    for lvl, (h, w) in enumerate(shapes):
+        # linspace, not arange + 0.5: the official values, bit for bit.
+        ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+                                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                                indexing="ij")
+        centres.append(torch.stack((xs.reshape(-1), ys.reshape(-1)), -1))
+        token_level.append(torch.full((h * w,), lvl, dtype=torch.long, device=device))
+        extent.append(torch.tensor([float(w), float(h)], dtype=torch.float32, device=device).expand(h * w, 2))
+    spatial_shapes = torch.as_tensor(list(shapes), dtype=torch.long, device=device).reshape(-1, 2)
+    sizes = spatial_shapes.prod(1)
+    return LevelLayout(spatial_shapes, torch.cat((sizes.new_zeros((1,)), sizes.cumsum(0)[:-1])),
+                       torch.cat(centres), torch.cat(token_level), torch.cat(extent))
+
+
+def encoder_reference_points(spatial_shapes: Tensor, ratios: Tensor, layout: LevelLayout | None = None) -> Tensor:
     """Pixel centres of every level as encoder reference points.
 
-    spatial_shapes: (L, 2) int64 (H_l, W_l); ratios: (B, L, 2) valid ratios (w, h).
+    spatial_shapes: (L, 2) int64 (H_l, W_l); ratios: (B, L, 2) valid ratios (w, h); layout: the
+    :class:`LevelLayout` of these shapes (built here when None, which reads the shapes on the host).
     Returns (B, S, L, 2) float32: for token (l, i, j) the point ((j+0.5)/(r_w,l*W_l), (i+0.5)/(r_h,l*H_l)),
     rescaled by every level's own valid ratio.
     """
-    refs = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=ratios.device),
-                                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=ratios.device),
-                                indexing="ij")
-        ys = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)
-        xs = xs.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
-        refs.append(torch.stack((xs, ys), -1))
-    return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
+    if layout is None:
+        layout = level_layout([tuple(hw) for hw in spatial_shapes.tolist()], ratios.device)
+    refs = layout.centres / (ratios[:, layout.token_level] * layout.extent)      # (B, S, 2)
+    return refs[:, :, None] * ratios[:, None]
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -123,19 +152,28 @@ class DeformableDecoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of encoder layers (``layers.{i}``) with pixel-centre reference points."""
+    """A stack of encoder layers (``layers.{i}``) with pixel-centre reference points.
 
-    def __init__(self, layer: DeformableEncoderLayer, num_layers: int):
+    With ``checkpoint`` (MODEL.TRANSFORMER.CHECKPOINT_ENCODER) each layer's activations are dropped
+    after its forward in training and recomputed in the backward: the encoder runs over every pixel of
+    every frame, so its sampling offsets, attention weights and feed-forward activations are most of a
+    DeVIS training step's memory. Same numbers (dropout's RNG state is replayed), one more encoder
+    forward of time.
+    """
+
+    def __init__(self, layer: DeformableEncoderLayer, num_layers: int, checkpoint: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.checkpoint = bool(checkpoint)
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                 ratios: Tensor, padding_mask: Tensor | None = None,
-                temporal_frames: Tensor | None = None) -> Tensor:
+                temporal_frames: Tensor | None = None, layout: LevelLayout | None = None) -> Tensor:
         """src, pos: (B, S, C); ratios: (B, L, 2); padding_mask: (B, S).
         temporal_frames: (T, W) int64 frame read by slot w of frame t (B = T frames of one clip) for
-        temporal layers, else None. Returns memory (B, S, C)."""
-        reference_points = encoder_reference_points(spatial_shapes, ratios)
+        temporal layers, else None. layout: the cached :class:`LevelLayout` of ``spatial_shapes``
+        (optional). Returns memory (B, S, C)."""
+        reference_points = encoder_reference_points(spatial_shapes, ratios, layout)
         temporal = {}
         if temporal_frames is not None:
             # A token samples the other frames around its own position: the level-0 copy of its
@@ -144,8 +182,14 @@ class DeformableEncoder(nn.Module):
             ref0 = reference_points[:, :, None, :1].expand(t, s, temporal_frames.shape[1], n_levels, 2)
             temporal = {"temporal_reference_points": ref0, "temporal_frames": temporal_frames}
         out = src
+        recompute = self.checkpoint and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask, **temporal)
+            if recompute:
+                out = torch.utils.checkpoint.checkpoint(layer, out, pos, reference_points, spatial_shapes,
+                                                        level_start_index, padding_mask, use_reentrant=False,
+                                                        **temporal)
+            else:
+                out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask, **temporal)
         return out
 
 
@@ -176,9 +220,10 @@ class DeformableDecoder(nn.Module):
         each layer (D, B, Q, 4) (or (D, B, Q, 2) without box refinement)."""
         out = tgt
         hs, refs = [], []
+        # Valid-ratio scale of 2-d points and of boxes, built once for all layers.
+        scales = {2: ratios[:, None], 4: torch.cat([ratios, ratios], -1)[:, None]}
         for lid, layer in enumerate(self.layers):
-            scale = torch.cat([ratios, ratios], -1) if reference_points.shape[-1] == 4 else ratios
-            ref_in = reference_points[:, :, None] * scale[:, None]
+            ref_in = reference_points[:, :, None] * scales[reference_points.shape[-1]]
             temporal = {}
             if temporal_frames is not None:
                 temporal = {"temporal_reference_points": self.temporal_references(ref_in, temporal_frames),
@@ -220,7 +265,7 @@ class DeformableTransformer(nn.Module):
                  num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
                  bbx_gradient_prop: bool = False, attention_backend: str = "auto", num_frames: int = 0,
                  enc_temporal_points: int = 0, dec_temporal_points: int = 0, enc_temporal_window: int = 0,
-                 instance_aware: bool = True):
+                 instance_aware: bool = True, checkpoint_encoder: bool = False):
         super().__init__()
         if num_frames == 0 and (enc_temporal_points or dec_temporal_points):
             raise ValueError("DeformableTransformer: temporal points need num_frames > 0 (a video clip)")
@@ -237,16 +282,28 @@ class DeformableTransformer(nn.Module):
         enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads,
                                            enc_n_points, enc_temporal_points, enc_slots,
                                            attention_backend=attention_backend)
-        self.encoder = DeformableEncoder(enc_layer, num_encoder_layers)
+        self.encoder = DeformableEncoder(enc_layer, num_encoder_layers, checkpoint=checkpoint_encoder)
         dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads,
                                            dec_n_points, dec_temporal_points, dec_slots,
                                            attention_backend=attention_backend,
                                            clip_self_attention=num_frames > 0)
         self.decoder = DeformableDecoder(dec_layer, num_decoder_layers, bbx_gradient_prop, instance_aware)
+        # Per-forward constants (level layouts, frame-slot tables), cached per shapes / device: building
+        # them costs dozens of small ops and a device-to-host read every forward. Plain dicts, not
+        # buffers, so they stay out of state dicts; they hold nothing that training changes.
+        self._layout_cache: dict[tuple, LevelLayout] = {}
+        self._frames_cache: dict[str, tuple[Tensor | None, Tensor | None]] = {}
         self.reset_parameters()
 
     def temporal_frames(self, device=None) -> tuple[Tensor | None, Tensor | None]:
-        """Other-frame slots (T, W) int64 of the encoder and decoder (None where a branch is off)."""
+        """Other-frame slots (T, W) int64 of the encoder and decoder (None where a branch is off),
+        built once per device (callers must not modify them)."""
+        key = str(torch.device(device) if device is not None else torch.device("cpu"))
+        if key not in self._frames_cache:
+            self._frames_cache[key] = self._build_temporal_frames(device)
+        return self._frames_cache[key]
+
+    def _build_temporal_frames(self, device) -> tuple[Tensor | None, Tensor | None]:
         enc = self.encoder.layers[0].self_attn
         dec = self.decoder.layers[0].cross_attn
         enc_frames = dec_frames = None
@@ -273,18 +330,30 @@ class DeformableTransformer(nn.Module):
         """Flatten L maps (B, C, H_l, W_l) row-major and concatenate in level order.
 
         Returns dict: src (B, S, C), pos (B, S, C) with level_embed added, mask (B, S), spatial_shapes
-        (L, 2) int64, level_start_index (L,), valid_ratios (B, L, 2) float32.
+        (L, 2) int64, level_start_index (L,), valid_ratios (B, L, 2) float32, layout (the cached
+        :class:`LevelLayout`; its tensors are shared between calls and must not be modified).
         """
-        shapes = torch.as_tensor([tuple(s.shape[-2:]) for s in srcs], dtype=torch.long, device=srcs[0].device)
+        layout = self.layout(tuple(tuple(s.shape[-2:]) for s in srcs), srcs[0].device)
         return {
             "src": torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),
             "pos": torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                               for lvl, p in enumerate(pos)], 1),
             "mask": torch.cat([m.flatten(1) for m in masks], 1),
-            "spatial_shapes": shapes,
-            "level_start_index": torch.cat((shapes.new_zeros((1,)), shapes.prod(1).cumsum(0)[:-1])),
+            "spatial_shapes": layout.spatial_shapes,
+            "level_start_index": layout.level_start_index,
             "valid_ratios": torch.stack([valid_ratios(m) for m in masks], 1),
+            "layout": layout,
         }
+
+    def layout(self, shapes: tuple[tuple[int, int], ...], device) -> LevelLayout:
+        """The cached :class:`LevelLayout` of level sizes ``shapes`` on ``device``."""
+        key = (shapes, str(device))
+        hit = self._layout_cache.get(key)
+        if hit is None:
+            if len(self._layout_cache) >= 16:      # many input sizes (multi-scale training): stay bounded
+                self._layout_cache.clear()
+            hit = self._layout_cache[key] = level_layout(shapes, device)
+        return hit
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos: list[Tensor], query_embed: Tensor) -> dict:
         """srcs: L maps (B, C, H_l, W_l); masks: L (B, H_l, W_l) bool; pos: L (B, C, H_l, W_l);
@@ -297,6 +366,7 @@ class DeformableTransformer(nn.Module):
         ``flatten_levels``.
         """
         flat = self.flatten_levels(srcs, masks, pos)
+        layout = flat.pop("layout")
         b = flat["src"].shape[0]
         enc_frames = dec_frames = None
         padding_mask = flat["mask"]
@@ -311,7 +381,7 @@ class DeformableTransformer(nn.Module):
             # DeVIS applies no padding mask inside its attention (a clip's frames are never padded).
             padding_mask = None
         memory = self.encoder(flat["src"], flat["pos"], flat["spatial_shapes"], flat["level_start_index"],
-                              flat["valid_ratios"], padding_mask, enc_frames)
+                              flat["valid_ratios"], padding_mask, enc_frames, layout)
         c = memory.shape[-1]
         query_pos, tgt = torch.split(query_embed, c, dim=1)
         if self.num_frames:
@@ -357,4 +427,5 @@ def build_transformer(cfg) -> DeformableTransformer:
         num_decoder_layers=t.DECODER_LAYERS, dim_feedforward=cfg.MODEL.DIM_FEEDFORWARD,
         dropout=cfg.MODEL.DROPOUT, num_feature_levels=cfg.MODEL.NUM_FEATURE_LEVELS,
         enc_n_points=t.ENC_N_POINTS, dec_n_points=t.DEC_N_POINTS,
-        bbx_gradient_prop=cfg.MODEL.BBX_GRADIENT_PROP, attention_backend=cfg.MODEL.ATTENTION_BACKEND, **video)
+        bbx_gradient_prop=cfg.MODEL.BBX_GRADIENT_PROP, attention_backend=cfg.MODEL.ATTENTION_BACKEND,
+        checkpoint_encoder=cfg.MODEL.TRANSFORMER.CHECKPOINT_ENCODER, **video)
