@@ -123,7 +123,24 @@ def _check_outputs(outputs: dict, targets: Sequence[dict]) -> None:
                          f"{len(targets)} target dicts")
 
 
-class HungarianMatcher:
+class _LayerBatchedMatcher:
+    """Shared entry points: ``__call__`` matches one output dict, ``match_layers`` the outputs of D
+    decoder layers at once after checking them; subclasses implement ``_match_layers``."""
+
+    def __call__(self, outputs: dict, targets: Sequence[dict]) -> list[tuple[Tensor, Tensor]]:
+        """One output dict -> B pairs (pred_idx, tgt_idx); see the subclass for shapes."""
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layer_outputs: Sequence[dict], targets: Sequence[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """``__call__`` for D decoder layers at once (one cost computation per image or clip over all
+        layers, one device-to-host transfer). layer_outputs: D output dicts. Returns D lists of B pairs."""
+        for outputs in layer_outputs:
+            _check_outputs(outputs, targets)
+        return self._match_layers(layer_outputs, targets)
+
+
+class HungarianMatcher(_LayerBatchedMatcher):
     """One-to-one assignment of the Q queries of each image to its ground-truth objects.
 
     cost = cost_bbox·L1(cxcywh, summed over coords) + cost_class·focal cost + cost_giou·(−GIoU_eps);
@@ -140,21 +157,13 @@ class HungarianMatcher:
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    def __call__(self, outputs: dict, targets: Sequence[dict]) -> list[tuple[Tensor, Tensor]]:
-        """Match each image's queries to its targets.
+    def _match_layers(self, layer_outputs: Sequence[dict], targets: Sequence[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Match each image's queries to its targets, for every layer.
 
-        outputs: {pred_logits (B, Q, K) class logits, pred_boxes (B, Q, 4) normalised cx, cy, w, h}.
-        targets: B dicts with labels (N_b,) int64 0-based and boxes (N_b, 4) normalised cx, cy, w, h.
-        Returns B pairs (pred_idx, tgt_idx), int64 of length min(Q, N_b), pred_idx ascending.
+        layer_outputs: D dicts {pred_logits (B, Q, K) class logits, pred_boxes (B, Q, 4) normalised cx, cy,
+        w, h}. targets: B dicts with labels (N_b,) int64 0-based and boxes (N_b, 4) normalised cx, cy, w, h.
+        Returns D lists of B pairs (pred_idx, tgt_idx), int64 of length min(Q, N_b), pred_idx ascending.
         """
-        return self.match_layers([outputs], targets)[0]
-
-    @torch.no_grad()
-    def match_layers(self, layer_outputs: Sequence[dict], targets: Sequence[dict]) -> list[list[tuple[Tensor, Tensor]]]:
-        """:meth:`__call__` for D decoder layers at once (one cost computation per image over all layers,
-        one device-to-host transfer). layer_outputs: D dicts as ``outputs``. Returns D lists of B pairs."""
-        for outputs in layer_outputs:
-            _check_outputs(outputs, targets)
         prob = _stack_layers(layer_outputs, "pred_logits").sigmoid()           # (D, B, Q, K)
         pred_boxes = _stack_layers(layer_outputs, "pred_boxes")               # (D, B, Q, 4)
         costs = [matching_cost(prob[:, b, None], pred_boxes[:, b, None], tgt["labels"][:, None],
@@ -166,7 +175,7 @@ class HungarianMatcher:
                  for b in range(len(targets))] for d in range(len(layer_outputs))]
 
 
-class ClipHungarianMatcher:
+class ClipHungarianMatcher(_LayerBatchedMatcher):
     """One assignment per clip between the N_q trajectory slots and the GT instances (DeVIS, spec §6.3).
 
     Predictions are frame-major (query index t·N_q + i); targets are instance-major (entry n·T + t)
@@ -191,24 +200,16 @@ class ClipHungarianMatcher:
         self.focal_gamma = focal_gamma
         self.use_sum_l1 = use_sum_l1
 
-    def __call__(self, outputs: dict, targets: Sequence[dict]) -> list[tuple[Tensor, Tensor]]:
-        """Match each clip's trajectory slots to its instances.
+    def _match_layers(self, layer_outputs: Sequence[dict], targets: Sequence[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Match each clip's trajectory slots to its instances, for every layer.
 
-        outputs: {pred_logits (B, T·N_q, K), pred_boxes (B, T·N_q, 4)}, frame-major queries.
+        layer_outputs: D dicts {pred_logits (B, T·N_q, K), pred_boxes (B, T·N_q, 4)}, frame-major queries.
         targets: B dicts with labels (N·T,) 0-based and boxes (N·T, 4) normalised cx, cy, w, h,
         instance-major (entry n·T + t).
-        Returns B pairs (pred_idx, tgt_idx) of length T·min(N_q, N): for each matched slot (slots
-        ascending) its T frames, pred t·N_q + i and target n·T + t. Empty for a clip without
+        Returns D lists of B pairs (pred_idx, tgt_idx) of length T·min(N_q, N): for each matched slot
+        (slots ascending) its T frames, pred t·N_q + i and target n·T + t. Empty for a clip without
         instances (the official matcher returned slot 0 flagged invalid there: same losses).
         """
-        return self.match_layers([outputs], targets)[0]
-
-    @torch.no_grad()
-    def match_layers(self, layer_outputs: Sequence[dict], targets: Sequence[dict]) -> list[list[tuple[Tensor, Tensor]]]:
-        """:meth:`__call__` for D decoder layers at once (one cost computation per clip over all layers,
-        one device-to-host transfer). layer_outputs: D dicts as ``outputs``. Returns D lists of B pairs."""
-        for outputs in layer_outputs:
-            _check_outputs(outputs, targets)
         t_len = self.num_frames
         b, num_queries, k = layer_outputs[0]["pred_logits"].shape
         if num_queries % t_len:

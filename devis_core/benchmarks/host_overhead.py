@@ -228,6 +228,28 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _measure(run, recorder, dev, warmup: int, iters: int, count_iters: int, profile, stages, units: int):
+    """Warm up, then time ``run(iters)`` (host ms per stage, optionally under cProfile ``profile``) and
+    count ops / syncs over ``run(count_iters)``; ``units`` = timed units per iteration (clips of a
+    video). Returns (run's last result, wall s per unit, timed summary, counted summary)."""
+    run(warmup)
+    _synchronize(dev)
+    recorder.restart()
+    t0 = time.perf_counter()
+    if profile is not None:
+        profile.enable()
+    result = run(iters)
+    if profile is not None:
+        profile.disable()
+    _synchronize(dev)
+    wall = (time.perf_counter() - t0) / (iters * units)
+    timed = _summary(recorder, stages, iters * units)
+    recorder.restart()
+    with _counting(recorder, dev):
+        run(count_iters)
+    return result, wall, timed, _summary(recorder, stages, count_iters * units)
+
+
 def _build(config: str, overrides: Sequence[str], num_classes: int, device: torch.device, amp: bool | None,
            fused_adamw: bool = False):
     # SOLVER.AMP is what training and infer_video read for bfloat16 autocast.
@@ -280,22 +302,8 @@ def measure_training(config: str, overrides: Sequence[str] = (), size: tuple[int
         pre = optimizer.register_step_pre_hook(lambda *_: recorder.push("optimizer.step"))
         post = optimizer.register_step_post_hook(lambda *_: recorder.pop())
         try:
-            epoch(warmup)
-            _synchronize(dev)
-            recorder.restart()
-            t0 = time.perf_counter()
-            if profile is not None:
-                profile.enable()
-            stats = epoch(iters)
-            if profile is not None:
-                profile.disable()
-            _synchronize(dev)
-            wall = (time.perf_counter() - t0) / iters
-            timed = _summary(recorder, TRAIN_STAGES, iters)
-            recorder.restart()
-            with _counting(recorder, dev):
-                epoch(count_iters)
-            counted = _summary(recorder, TRAIN_STAGES, count_iters)
+            stats, wall, timed, counted = _measure(epoch, recorder, dev, warmup, iters, count_iters, profile,
+                                                   TRAIN_STAGES, 1)
         finally:
             pre.remove()
             post.remove()
@@ -336,23 +344,8 @@ def measure_inference(config: str, overrides: Sequence[str] = (), size: tuple[in
                                               _unbound(recorder, tracking.ClipTracker.add_clip, "tracker.add_clip")))
         stack.enter_context(mock.patch.object(tracking.ClipTracker, "finish",
                                               _unbound(recorder, tracking.ClipTracker.finish, "tracker.finish")))
-        run(warmup)
-        _synchronize(dev)
-        recorder.restart()
-        t0 = time.perf_counter()
-        if profile is not None:
-            profile.enable()
-        run(iters)
-        if profile is not None:
-            profile.disable()
-        _synchronize(dev)
-        per = iters * len(clips)
-        wall = (time.perf_counter() - t0) / per
-        timed = _summary(recorder, INFER_STAGES, per)
-        recorder.restart()
-        with _counting(recorder, dev):
-            run(count_iters)
-        counted = _summary(recorder, INFER_STAGES, count_iters * len(clips))
+        _, wall, timed, counted = _measure(run, recorder, dev, warmup, iters, count_iters, profile,
+                                           INFER_STAGES, len(clips))
     top = Counter()
     for c in recorder.ops.values():
         top.update(c)
