@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devis_core import ops_build  # noqa: E402
-from devis_core.benchmarks.attention import DEVIS_CASES, make_inputs  # noqa: E402
+from devis_core.benchmarks.attention import DEVIS_CASES, _time, make_inputs  # noqa: E402
 
 # Tuning builds compile only the float32 / bfloat16, D = 32 instantiations (the timed cases).
 _ONLY_D32 = [("case 16: f(tag, std::integral_constant<int, 16>{}); break;", ""),
@@ -88,21 +87,6 @@ def _load(name: str, macros: dict, workdir: str):
                         with_cuda=True, verbose=False)
 
 
-def _median_ms(fn, reps: int = 30, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def _kernel_args(inp: dict):
     v = inp["value"]
     return (v, inp["spatial_shapes"], inp["level_start_index"], inp["loc_current"], inp["attn_current"],
@@ -118,12 +102,12 @@ def measure(ext, inp: dict) -> dict:
     go = torch.randn(out.shape, device=v.device, generator=torch.Generator(v.device).manual_seed(1)).to(v.dtype)
     gv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     glc, gac, glt, gat = (torch.empty_like(x) for x in (lc, ac, lt, at))
-    fwd = _median_ms(lambda: ext.forward(*args, out))
+    fwd = _time(lambda: ext.forward(*args, out), reps=30, warmup=3)
 
     def bwd():
         gv.zero_()
         ext.backward(*args, go, gv, glc, gac, glt, gat)
-    bwd_ms = _median_ms(bwd)
+    bwd_ms = _time(bwd, reps=30, warmup=3)
     bwd()
     torch.cuda.synchronize()
     return dict(fwd=fwd, bwd=bwd_ms, outs=[out.float(), gv, glc.float(), gac.float(), glt.float(), gat.float()])
