@@ -11,6 +11,7 @@ from torch import nn
 from devis_core.benchmarks import model as bench
 from devis_core.config import load_config
 from devis_core.engine import compute_losses
+from notebook_checks import assert_stored_clean
 
 TINY = "synthetic/devis_tiny.yaml"
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "benchmark_model.ipynb"
@@ -226,13 +227,9 @@ def test_gpu_rows_have_peak_memory_and_bfloat16():
 
 
 def test_notebook_runs_with_tiny_parameters(tmp_path):
-    import nbformat                  # here, so the GPU test above runs where papermill is not installed
-    import papermill as pm
+    import papermill as pm          # here, so the GPU test above runs where papermill is not installed
 
-    stored = nbformat.read(NOTEBOOK, as_version=4)
-    code = [c for c in stored.cells if c.cell_type == "code"]
-    assert "parameters" in code[0].metadata.get("tags", [])
-    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert_stored_clean(NOTEBOOK, ())
     out_json = tmp_path / "bench.json"
     executed = tmp_path / "executed.ipynb"
     pm.execute_notebook(str(NOTEBOOK), str(executed), kernel_name="python3", cwd=str(tmp_path),

@@ -20,12 +20,7 @@ from test_inference import CONFIG, NUM_CLASSES, SIZE, cli_overrides, make_tiny_d
 av = pytest.importorskip("av", reason="PyAV (pip install av) reads video files")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import papermill
 import pytest
 
 from devis_core.evaluation_plots import metrics_table, metrics_table_html, per_category_ap, plot_per_category_ap
+from notebook_checks import assert_stored_clean
 from test_inference import CONFIG, TINY, make_tiny_data, save_tiny_weights, tiny_cfg
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "evaluate.ipynb"
@@ -54,13 +55,7 @@ def test_metrics_table_rows():
 
 
 def test_notebook_is_stored_clean_with_its_parameters():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbformat.validate(nb)
-    code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert all(not cell.outputs and cell.execution_count is None for cell in code)
-    assert "parameters" in code[0].metadata.get("tags", [])
-    for name in PARAMETERS:
-        assert f"\n{name} = " in "\n" + code[0].source, name
+    assert_stored_clean(NOTEBOOK, PARAMETERS)
 
 
 @pytest.mark.timeout(120)

@@ -68,14 +68,7 @@ def cli_overrides(data_path: str) -> list[str]:
     return TINY + ["DATASETS.DATA_PATH", data_path]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and on a loaded 2-core machine
-    spinning OpenMP threads slow it down tenfold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import papermill
 import pytest
 
 from devis_core.data.synthetic import make_synthetic_vis
+from notebook_checks import assert_stored_clean
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "inspect_results.ipynb"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -19,13 +20,7 @@ PARAMETERS = ("config_file", "weights", "data_path", "dataset", "results_file", 
 
 
 def test_inspect_notebook_is_stored_clean():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbformat.validate(nb)
-    code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert all(not cell.outputs and cell.execution_count is None for cell in code)
-    assert "parameters" in code[0].metadata.get("tags", [])
-    for name in PARAMETERS:
-        assert f"\n{name} = " in "\n" + code[0].source, name
+    assert_stored_clean(NOTEBOOK, PARAMETERS)
 
 
 @pytest.mark.slow

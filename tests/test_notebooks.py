@@ -6,6 +6,7 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
+from notebook_checks import assert_stored_clean
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -16,15 +17,10 @@ def _outputs(nb):
 
 
 def test_quickstart_is_stored_clean():
-    nb = nbformat.read(NOTEBOOKS / "00_quickstart.ipynb", as_version=4)
-    nbformat.validate(nb)
-    code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert all(not cell.outputs and cell.execution_count is None for cell in code)
-    params = code[0]
-    assert "parameters" in params.metadata.get("tags", [])
-    for name in ("data_path", "dataset_name", "num_videos_train", "num_videos_valid", "frames_min",
-                 "frames_max", "height", "width", "num_categories", "seed", "grid_videos", "grid_frames"):
-        assert f"{name} = " in params.source, name
+    params = assert_stored_clean(NOTEBOOKS / "00_quickstart.ipynb",
+                                 ("data_path", "dataset_name", "num_videos_train", "num_videos_valid", "frames_min",
+                                  "frames_max", "height", "width", "num_categories", "seed", "grid_videos",
+                                  "grid_frames"))
     assert 'data_path = "data"' in params.source and 'dataset_name = "synthetic_vis"' in params.source
 
 

@@ -27,16 +27,6 @@ ARGS = ["MODEL.HIDDEN_DIM", "128", "MODEL.DIM_FEEDFORWARD", "64", "MODEL.TRANSFO
 CONFIG = "synthetic/deformable_detr_tiny.yaml"
 
 
-@pytest.fixture
-def one_thread():
-    # The killed run is a subprocess with OMP_NUM_THREADS=1; the in-process runs must add up floats in the
-    # same order to be bit-identical.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, one_thread):
     make_synthetic_coco(str(tmp_path / "data"), num_images=(6, 2), size=(64, 96), num_categories=3,
                         objects=(1, 2), seed=0)
