@@ -9,11 +9,11 @@
 // float32, 8 for float16/bfloat16), so G = D/C lanes cover one head and a warp treats NG = 32/G
 // samples at once; lanes first compute the footprints of 32 samples (one each) and hand them to
 // the sample groups by shuffle. Accumulation is always float32.
-// Backward: value gradients by 16-byte vector atomics into a float32 buffer (each instruction of a
-// lane group covering one contiguous run); the location and
-// weight gradients of the G samples a group handled are summed over its G lanes by a transposed
-// (recursive-halving) reduction, which leaves lane j of the group with sample j's sums: 3(G-1)
-// shuffles per G samples instead of 3 log2(G) per sample, and the stores stay coalesced.
+// Backward: value gradients by 16-byte vector atomics into a float32 buffer, every instruction of a
+// lane group (a pair of groups for the 16-bit types) covering a head's whole row of D channels; the
+// location and weight gradients of the G samples a group handled are summed over its G lanes by a
+// transposed (recursive-halving) reduction, which leaves lane j of the group with sample j's sums:
+// 3(G-1) shuffles per G samples instead of 3 log2(G) per sample, and the stores stay coalesced.
 //
 // Kept in one translation unit (bindings included) so the JIT build compiles a single file.
 
@@ -229,9 +229,9 @@ __device__ __forceinline__ void load_corners(const scalar_t* vhead, const Corner
 // they are neighbouring pixels whose samples share cache lines, so they reuse each other's L1 lines.
 // Consecutive blocks take tiles tile_step apart (coprime to the tile count, about 0.62 of it), so
 // the blocks resident at one time are spread over the image rather than all reading (and, in the
-// backward, adding to) the same few coarse-level pixels. Measured on an H100 this neither clearly
-// helped nor hurt (ops/README.md); DEVIS_TILE_SWIZZLE=0 restores row order. Returns false for
-// the padding warps of the last tile.
+// backward, adding to) the same few coarse-level pixels. Whether a launch swizzles is decided per
+// kernel and dtype from H100 measurements (swizzle_tiles, ops/README.md); tile_step 1 is row order.
+// Returns false for the padding warps of the last tile.
 __device__ __forceinline__ bool locate_row(const Shape& sh, int warp_in_block, int& t, int& m, int64_t& row) {
   const int q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int64_t b = blockIdx.x;                      // = (t * q_tiles + tile) * M + m
@@ -361,18 +361,19 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
   const scalar_t* vhead = value + m * D + chan;
   float go[C];
   V::unpack(load16(grad_out + row * D + chan), go);
-  // The atomics use another channel split than the loads: in its u-th atomic, lane j of a group
-  // adds channels 4 (j + u G) .. +3, so the group's lanes cover one contiguous run of 16 G bytes
-  // per instruction (with the load split, 8-channel lanes would leave 16-byte gaps and double the
-  // L2 sectors touched). The channels' grad_out values are fetched once in that split.
-  constexpr int U = C / 4;
-  const int jl = lane % G;
-  float* ghead = grad_value + m * D + 4 * jl;
-  float gq[C];
+  // The atomics use another channel split than the loads, so that every atomic instruction of a
+  // lane group covers one contiguous 128-byte-aligned run: a lane adds 4 channels (one 16-byte float32
+  // vector), at slot jj of the row. float32 (C = 4): a group's G lanes span the whole row. 16-bit types
+  // (C = 8): the G lanes of a group would span half a row per instruction, touching twice the lines for
+  // the same bytes (measured slower, ops/README.md), so two neighbouring groups pair up: in step u the
+  // pair adds the corners of the sample of its group u, each lane taking 4 channels of the full row.
+  constexpr bool kPaired = C == 8;
+  static_assert(C == 4 || C == 8, "a lane holds 4 (float32) or 8 (16-bit) channels");
+  const int jj = kPaired ? (grp & 1) * G + lane % G : lane % G;
+  float* gdst = grad_value + m * D + 4 * jj;
+  float gq[4];
 #pragma unroll
-  for (int u = 0; u < U; ++u)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) gq[4 * u + e] = to_f(grad_out[row * D + 4 * (jl + u * G) + e]);
+  for (int e = 0; e < 4; ++e) gq[e] = to_f(grad_out[row * D + 4 * jj + e]);
 
   for (int base = 0; base < ns; base += 32) {
     float wl, hl;
@@ -406,15 +407,27 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
         r[k0 + b][0] = hy * (d[1] - d[0]) + c[b].ly * (d[3] - d[2]);
         r[k0 + b][1] = hx * (d[2] - d[0]) + c[b].lx * (d[3] - d[1]);
         r[k0 + b][2] = c[b].wt[0] * d[0] + c[b].wt[1] * d[1] + c[b].wt[2] * d[2] + c[b].wt[3] * d[3];
+        // value gradient: a corner of weight wc receives wc * grad_out of this row
+        const int o = c[b].off[0], step = c[b].off[2] - c[b].off[0];
+        int po = o, pstep = step, pmask = c[b].mask;
+        float pa = a[b], plx = c[b].lx, ply = c[b].ly;
+        if constexpr (kPaired) {
+          po = __shfl_xor_sync(kFull, o, G); pstep = __shfl_xor_sync(kFull, step, G);
+          pmask = __shfl_xor_sync(kFull, c[b].mask, G); pa = __shfl_xor_sync(kFull, a[b], G);
+          plx = __shfl_xor_sync(kFull, c[b].lx, G); ply = __shfl_xor_sync(kFull, c[b].ly, G);
+        }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (c[b].mask >> i & 1) {
-            const float wc = a[b] * c[b].wt[i];
+        for (int u = 0; u < (kPaired ? 2 : 1); ++u) {
+          const bool own = !kPaired || (grp & 1) == u;
+          const int uo = own ? o : po, ustep = own ? step : pstep, umask = own ? c[b].mask : pmask;
+          const float ua = own ? a[b] : pa, ulx = own ? c[b].lx : plx, uly = own ? c[b].ly : ply;
+          const float uhx = 1.f - ulx, uhy = 1.f - uly;
+          const float wc[4] = {ua * uhy * uhx, ua * uhy * ulx, ua * uly * uhx, ua * uly * ulx};
+          const int off[4] = {uo, uo + MD, uo + ustep, uo + ustep + MD};
 #pragma unroll
-            for (int u = 0; u < U; ++u)
-              atomic_add4(ghead + c[b].off[i] + 4 * u * G, wc * gq[4 * u], wc * gq[4 * u + 1],
-                          wc * gq[4 * u + 2], wc * gq[4 * u + 3]);
-          }
+          for (int i = 0; i < 4; ++i)
+            if (umask >> i & 1)
+              atomic_add4(gdst + off[i], wc[i] * gq[0], wc[i] * gq[1], wc[i] * gq[2], wc[i] * gq[3]);
         }
       }
     }
@@ -448,16 +461,27 @@ void check_tensor(const at::Tensor& x, const char* name, const at::Tensor& like)
 }
 
 // Stride between the query tiles of consecutive blocks (see locate_row): the first integer from
-// 0.618 * n up that is coprime to n, so k -> k * step mod n visits every tile once.
-int tile_step(int n) {
-#if DEVIS_TILE_SWIZZLE
-  if (n <= 2) return 1;
+// 0.618 * n up that is coprime to n, so k -> k * step mod n visits every tile once; 1 (row order)
+// when not swizzling.
+int tile_step(int n, bool swizzle) {
+  if (!swizzle || n <= 2) return 1;
   int step = static_cast<int>(0.618 * n);
   while (std::gcd(step, n) != 1) ++step;
   return step;
+}
+
+// Whether a launch visits its query tiles swizzled (DEVIS_TILE_SWIZZLE: 0 never, 2 always, 1 the
+// measured policy). On an H100 (ops/README.md) the float32 backward ran about 0.3 ms faster in row
+// order at the encoder shape, while the 16-bit backward and the forwards were as fast or faster swizzled.
+bool swizzle_tiles(bool backward, at::ScalarType st) {
+#if DEVIS_TILE_SWIZZLE == 0
+  (void)backward; (void)st;
+  return false;
+#elif DEVIS_TILE_SWIZZLE == 2
+  (void)backward; (void)st;
+  return true;
 #else
-  (void)n;
-  return 1;
+  return !(backward && st == at::kFloat);
 #endif
 }
 
@@ -470,7 +494,7 @@ Shape shape_of(const at::Tensor& value, const at::Tensor& shapes, const at::Tens
   sh.Q = loc_c.size(1); sh.L = loc_c.size(3); sh.Pc = loc_c.size(4);
   sh.W = loc_t.numel() ? loc_t.size(3) : 0;
   sh.Pt = loc_t.numel() ? loc_t.size(5) : 0;
-  sh.tile_step = tile_step((sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  sh.tile_step = 1;   // set per launch (swizzle_tiles)
   TORCH_CHECK(shapes.size(0) == sh.L, "temporal_msda: spatial_shapes has ", shapes.size(0),
               " levels, loc_current has ", sh.L);
   TORCH_CHECK(sh.L <= kMaxLevels, "temporal_msda: at most ", kMaxLevels, " levels, got ", sh.L);
@@ -511,7 +535,7 @@ void forward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor
   check_all({{&shapes, "spatial_shapes"}, {&starts, "level_start_index"}, {&loc_c, "loc_current"},
              {&attn_c, "attn_current"}, {&out, "out"}}, value);
   check_tensor(value, "value", value);
-  const Shape sh = shape_of(value, shapes, loc_c, loc_t);
+  Shape sh = shape_of(value, shapes, loc_c, loc_t);
   if (sh.W) {
     check_all({{&loc_t, "loc_temporal"}, {&attn_t, "attn_temporal"}, {&frames, "temporal_frames"}}, value);
   }
@@ -520,6 +544,7 @@ void forward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor
   const c10::cuda::CUDAGuard guard(value.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  sh.tile_step = tile_step(static_cast<int>(q_tiles), swizzle_tiles(false, value.scalar_type()));
   const dim3 grid(static_cast<unsigned>(sh.T * q_tiles * sh.M));
   dispatch(value.scalar_type(), value.size(3), [&](auto tag, auto g) {
       using scalar_t = decltype(tag);
@@ -543,7 +568,7 @@ void backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tenso
              {&grad_loc_c, "grad_loc_current"}, {&grad_attn_c, "grad_attn_current"}}, value);
   check_tensor(value, "value", value);
   TORCH_CHECK(grad_value.scalar_type() == at::kFloat, "temporal_msda: grad_value buffer must be float32");
-  const Shape sh = shape_of(value, shapes, loc_c, loc_t);
+  Shape sh = shape_of(value, shapes, loc_c, loc_t);
   if (sh.W) {
     check_all({{&loc_t, "loc_temporal"}, {&attn_t, "attn_temporal"}, {&frames, "temporal_frames"},
                {&grad_loc_t, "grad_loc_temporal"}, {&grad_attn_t, "grad_attn_temporal"}}, value);
@@ -553,6 +578,7 @@ void backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tenso
   const c10::cuda::CUDAGuard guard(value.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  sh.tile_step = tile_step(static_cast<int>(q_tiles), swizzle_tiles(true, value.scalar_type()));
   const dim3 grid(static_cast<unsigned>(sh.T * q_tiles * sh.M));
   dispatch(value.scalar_type(), value.size(3), [&](auto tag, auto g) {
       using scalar_t = decltype(tag);
