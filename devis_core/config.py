@@ -185,10 +185,11 @@ PROJECT_KEYS: list[tuple[str, Any, str]] = [
      "Normalisation layers of the ResNet: 'frozen_bn' (official: batch norm with frozen ImageNet statistics; "
      "the stem and layer1 never train) or 'group_norm' (GroupNorm with 32 groups, every layer trains: for "
      "training from random initialisation, e.g. the synthetic dataset; cannot load MODEL.BACKBONE_WEIGHTS)."),
-    ("MODEL.TRANSFORMER.CHECKPOINT_ENCODER", False,
-     "Activation checkpointing of the encoder layers in training: their activations (most of a DeVIS step's "
-     "memory: the encoder runs over every pixel of every frame) are recomputed in the backward instead of "
-     "kept. Same numbers, one more encoder forward of time."),
+    ("MODEL.TRANSFORMER.CHECKPOINT_ENCODER_LAYERS", 0,
+     "Activation checkpointing in training: the first N encoder layers (-1: all) recompute their activations "
+     "in the backward instead of keeping them. The encoder runs over every pixel of every frame, so its "
+     "activations are most of a DeVIS step's memory; each checkpointed layer trades one more layer forward "
+     "of time for its share. Same numbers. 0: off."),
     ("MODEL.ATTENTION_BACKEND", "auto",
      "Multi-scale deformable attention implementation: 'auto' (fused CUDA kernel on CUDA tensors, "
      "PyTorch reference elsewhere), 'cuda' (fail if the kernel cannot be built) or 'reference'."),
@@ -199,8 +200,9 @@ PROJECT_KEYS: list[tuple[str, Any, str]] = [
      "Feed BGR-ordered frames during VIS training, as the official code did (cv2.imread without a "
      "conversion, spec §6.2). Off: RGB, like inference and the COCO stages. Inference is always RGB."),
     ("INPUT.TRAIN_PAD_MULTIPLE", 0,
-     "VIS training: pad each clip (bottom/right, masked like DETR's batch padding; target masks padded too) "
-     "to height and width multiples of N. 0: no padding, as the official code. With multi-scale crops every "
+     "Training: pad each batch of images or clip (bottom/right, masked like DETR's batch padding; target masks "
+     "padded too) to height and width multiples of N. 0: no padding beyond the batch's largest size, as the "
+     "official code. With multi-scale crops every "
      "clip has a new size, and each new convolution shape costs cuDNN a plan search on the GPU; a few "
      "padded sizes keep those plans cached. Changes the numbers a little (padded borders)."),
     ("SOLVER.AMP", False,

@@ -9,6 +9,7 @@ and ``eval_epoch_{e}/`` (video results and metrics). From Python: ``train(cfg)``
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -58,7 +59,8 @@ def build_train_data(cfg, rank: int, world: int):
     else:
         from devis_core.data.coco import collate_fn
 
-        loader = DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=collate_fn,
+        collate = functools.partial(collate_fn, pad_multiple=int(cfg.INPUT.TRAIN_PAD_MULTIPLE))
+        loader = DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=collate,
                             num_workers=int(cfg.NUM_WORKERS), generator=gen, drop_last=False)
     return loader, sampler, dataset, num_classes
 

@@ -235,6 +235,25 @@ def test_collate_pads_and_masks(tmp_path):
     assert [t["labels"].item() for t in targets] == [0, 1]
 
 
+def test_collate_pads_images_and_target_masks_to_multiples():
+    masks_a = torch.zeros(1, 4, 6, dtype=torch.bool)
+    masks_a[0, 3, 5] = True                     # bottom-right pixel of image a
+    masks_b = torch.ones(2, 5, 3, dtype=torch.bool)
+    a = (torch.ones(3, 4, 6), {"labels": torch.tensor([0]), "masks": masks_a})
+    b = (torch.full((3, 5, 3), 2.0), {"labels": torch.tensor([1, 2]), "masks": masks_b})
+    nested, (ta, tb) = collate_fn([a, b], pad_multiple=4)
+    assert nested.tensors.shape == (2, 3, 8, 8) and nested.mask.shape == (2, 8, 8)
+    assert not nested.mask[0, :4, :6].any() and nested.mask[0, 4:].all() and nested.mask[0, :, 6:].all()
+    assert not nested.mask[1, :5, :3].any() and nested.mask[1, 5:].all() and nested.mask[1, :, 3:].all()
+    assert nested.tensors[0, :, :4, :6].eq(1).all() and nested.tensors[1, :, :5, :3].eq(2).all()
+    assert nested.tensors.sum() == 3 * 4 * 6 + 2 * 3 * 5 * 3      # nothing but zeros elsewhere
+    # every target's masks now cover the batch canvas, top-left aligned, no pixel added
+    assert ta["masks"].shape == (1, 8, 8) and tb["masks"].shape == (2, 8, 8)
+    assert torch.equal(ta["masks"][:, :4, :6], masks_a) and int(ta["masks"].sum()) == 1
+    assert torch.equal(tb["masks"][:, :5, :3], masks_b) and int(tb["masks"].sum()) == 2 * 5 * 3
+    assert a[1]["masks"] is masks_a                # the dataset's targets are untouched
+
+
 def test_build_coco_dataset_from_config(tmp_path):
     from devis_core.data.synthetic import make_synthetic_coco
 

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..models.nested import NestedTensor, nested_tensor_from_tensor_list
+from ..models.nested import NestedTensor, nested_tensor_from_tensor_list, pad_batch_to_multiple
 from .registry import resolve_dataset
 from .transforms import build_transforms, wrap_target
 from .ytvis_format import DatasetError
@@ -261,13 +261,14 @@ class CocoInstances(Dataset):
         raise DatasetError(f"{self.ann_file}: no readable image left in the dataset")
 
 
-def collate_fn(batch: Sequence[tuple[Tensor, dict]]) -> tuple[NestedTensor, list[dict]]:
-    """Pad a batch of (image (3, H_i, W_i), target) to the largest H and W.
+def collate_fn(batch: Sequence[tuple[Tensor, dict]], pad_multiple: int = 0) -> tuple[NestedTensor, list[dict]]:
+    """Pad a batch of (image (3, H_i, W_i), target) to the largest H and W, rounded up to multiples of
+    ``pad_multiple`` when it is > 0 (INPUT.TRAIN_PAD_MULTIPLE; target masks padded to match).
 
     Returns (NestedTensor(tensors (B, 3, H, W), mask (B, H, W) True on padding), list of targets).
     """
     images, targets = zip(*batch)
-    return nested_tensor_from_tensor_list(list(images)), list(targets)
+    return pad_batch_to_multiple(nested_tensor_from_tensor_list(list(images)), targets, pad_multiple)
 
 
 def build_coco_dataset(cfg, split: str) -> tuple[CocoInstances, int]:

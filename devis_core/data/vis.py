@@ -14,14 +14,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as tF
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from ..models.nested import NestedTensor, nested_tensor_from_tensor_list
+from ..models.nested import NestedTensor, nested_tensor_from_tensor_list, pad_batch_to_multiple
 from .registry import resolve_dataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, detr_resize_size
 from .vis_transforms import make_train_clip_transforms
@@ -250,19 +249,7 @@ def collate_clips(batch: Sequence[tuple[Tensor, dict]], pad_multiple: int = 0) -
     """
     frames, targets = zip(*batch)
     nested = nested_tensor_from_tensor_list([f for clip in frames for f in clip.unbind(0)])
-    if pad_multiple <= 0:
-        return nested, list(targets)
-    h, w = nested.tensors.shape[-2:]
-    ph, pw = -h % pad_multiple, -w % pad_multiple
-    nested = NestedTensor(tF.pad(nested.tensors, (0, pw, 0, ph)), tF.pad(nested.mask, (0, pw, 0, ph), value=True))
-    out = []
-    for t in targets:
-        t = dict(t)
-        if "masks" in t:
-            m = t["masks"]
-            t["masks"] = tF.pad(m, (0, w + pw - m.shape[-1], 0, h + ph - m.shape[-2]))
-        out.append(t)
-    return nested, out
+    return pad_batch_to_multiple(nested, targets, pad_multiple)
 
 
 def collate_videos(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, dict]:

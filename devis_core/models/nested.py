@@ -72,3 +72,28 @@ def as_nested_tensor(samples) -> NestedTensor:
         return nested_tensor_from_tensor_list(list(samples))
     raise TypeError(f"samples: expected NestedTensor, (tensors, mask), a tensor or a list of images, "
                     f"got {type(samples).__name__}")
+
+
+def pad_batch_to_multiple(batch: NestedTensor, targets: Sequence[dict], multiple: int) -> tuple[NestedTensor, list[dict]]:
+    """Round a training batch's canvas up to multiples of ``multiple`` (INPUT.TRAIN_PAD_MULTIPLE).
+
+    batch: images (N, C, H, W) with padding mask (N, H, W). targets: dicts whose optional ``masks``
+    (K, h, w) (h ≤ H, w ≤ W, top-left aligned) are zero-padded to the new canvas too, so the mask loss
+    compares predictions and targets on the same canvas; boxes stay normalised by each image's own size.
+    Returns (NestedTensor (N, C, H', W') and mask (N, H', W') True on padding, targets); ``multiple`` ≤ 0
+    returns the batch unchanged.
+    """
+    if multiple <= 0:
+        return batch, list(targets)
+    h, w = batch.tensors.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    padded = NestedTensor(torch.nn.functional.pad(batch.tensors, (0, pw, 0, ph)),
+                          torch.nn.functional.pad(batch.mask, (0, pw, 0, ph), value=True))
+    out = []
+    for t in targets:
+        t = dict(t)
+        if "masks" in t:
+            m = t["masks"]
+            t["masks"] = torch.nn.functional.pad(m, (0, w + pw - m.shape[-1], 0, h + ph - m.shape[-2]))
+        out.append(t)
+    return padded, out

@@ -154,17 +154,20 @@ class DeformableDecoderLayer(nn.Module):
 class DeformableEncoder(nn.Module):
     """A stack of encoder layers (``layers.{i}``) with pixel-centre reference points.
 
-    With ``checkpoint`` (MODEL.TRANSFORMER.CHECKPOINT_ENCODER) each layer's activations are dropped
-    after its forward in training and recomputed in the backward: the encoder runs over every pixel of
-    every frame, so its sampling offsets, attention weights and feed-forward activations are most of a
-    DeVIS training step's memory. Same numbers (dropout's RNG state is replayed), one more encoder
-    forward of time.
+    The first ``checkpoint_layers`` layers (MODEL.TRANSFORMER.CHECKPOINT_ENCODER_LAYERS; -1: all) drop
+    their activations after their forward in training and recompute them in the backward: the encoder
+    runs over every pixel of every frame, so its sampling offsets, attention weights and feed-forward
+    activations are most of a DeVIS training step's memory. Same numbers (dropout's RNG state is
+    replayed), one more layer forward of time per checkpointed layer.
     """
 
-    def __init__(self, layer: DeformableEncoderLayer, num_layers: int, checkpoint: bool = False):
+    def __init__(self, layer: DeformableEncoderLayer, num_layers: int, checkpoint_layers: int = 0):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        self.checkpoint = bool(checkpoint)
+        if checkpoint_layers < -1 or checkpoint_layers > num_layers:
+            raise ValueError(f"MODEL.TRANSFORMER.CHECKPOINT_ENCODER_LAYERS is {checkpoint_layers}; expected -1 "
+                             f"(all) or 0..{num_layers} (the encoder has {num_layers} layers)")
+        self.checkpoint_layers = num_layers if checkpoint_layers == -1 else int(checkpoint_layers)
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                 ratios: Tensor, padding_mask: Tensor | None = None,
@@ -182,9 +185,9 @@ class DeformableEncoder(nn.Module):
             ref0 = reference_points[:, :, None, :1].expand(t, s, temporal_frames.shape[1], n_levels, 2)
             temporal = {"temporal_reference_points": ref0, "temporal_frames": temporal_frames}
         out = src
-        recompute = self.checkpoint and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if recompute:
+        recompute = self.checkpoint_layers if self.training and torch.is_grad_enabled() else 0
+        for i, layer in enumerate(self.layers):
+            if i < recompute:
                 out = torch.utils.checkpoint.checkpoint(layer, out, pos, reference_points, spatial_shapes,
                                                         level_start_index, padding_mask, use_reentrant=False,
                                                         **temporal)
@@ -265,7 +268,7 @@ class DeformableTransformer(nn.Module):
                  num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
                  bbx_gradient_prop: bool = False, attention_backend: str = "auto", num_frames: int = 0,
                  enc_temporal_points: int = 0, dec_temporal_points: int = 0, enc_temporal_window: int = 0,
-                 instance_aware: bool = True, checkpoint_encoder: bool = False):
+                 instance_aware: bool = True, checkpoint_encoder_layers: int = 0):
         super().__init__()
         if num_frames == 0 and (enc_temporal_points or dec_temporal_points):
             raise ValueError("DeformableTransformer: temporal points need num_frames > 0 (a video clip)")
@@ -282,7 +285,7 @@ class DeformableTransformer(nn.Module):
         enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads,
                                            enc_n_points, enc_temporal_points, enc_slots,
                                            attention_backend=attention_backend)
-        self.encoder = DeformableEncoder(enc_layer, num_encoder_layers, checkpoint=checkpoint_encoder)
+        self.encoder = DeformableEncoder(enc_layer, num_encoder_layers, checkpoint_layers=checkpoint_encoder_layers)
         dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, n_heads,
                                            dec_n_points, dec_temporal_points, dec_slots,
                                            attention_backend=attention_backend,
@@ -428,4 +431,4 @@ def build_transformer(cfg) -> DeformableTransformer:
         dropout=cfg.MODEL.DROPOUT, num_feature_levels=cfg.MODEL.NUM_FEATURE_LEVELS,
         enc_n_points=t.ENC_N_POINTS, dec_n_points=t.DEC_N_POINTS,
         bbx_gradient_prop=cfg.MODEL.BBX_GRADIENT_PROP, attention_backend=cfg.MODEL.ATTENTION_BACKEND,
-        checkpoint_encoder=cfg.MODEL.TRANSFORMER.CHECKPOINT_ENCODER, **video)
+        checkpoint_encoder_layers=cfg.MODEL.TRANSFORMER.CHECKPOINT_ENCODER_LAYERS, **video)
