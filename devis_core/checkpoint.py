@@ -201,6 +201,11 @@ def load_initial_weights(model: nn.Module, cfg) -> None:
     """MODEL.BACKBONE_WEIGHTS (ImageNet ResNet), then MODEL.WEIGHTS (with MODEL.SHIFT_CLASS_NEURON); a DeVIS
     model given an image (mask-head) checkpoint is initialised by ``load_devis_from_mask_head``.
     Files the config names are treated as trusted (official checkpoints pickle their config)."""
+    named = (("MODEL.BACKBONE_WEIGHTS", str(cfg.MODEL.BACKBONE_WEIGHTS)), ("MODEL.WEIGHTS", str(cfg.MODEL.WEIGHTS)))
+    for key, path in named:
+        # name the config key: the path often comes from a recipe (e.g. the previous stage's output)
+        if path and not path.startswith(("http://", "https://")) and not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}: checkpoint {path} does not exist (expected a local weights file)")
     if cfg.MODEL.BACKBONE_WEIGHTS:
         load_backbone_weights(model, cfg.MODEL.BACKBONE_WEIGHTS)
     if cfg.MODEL.WEIGHTS:

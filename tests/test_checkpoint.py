@@ -137,5 +137,7 @@ def test_backbone_weights_from_local_torchvision_file(tmp_path):
 def test_weights_errors(tmp_path):
     with pytest.raises(CheckpointError, match="URL"):
         build_model(load_config(None, TINY + ["MODEL.WEIGHTS", "https://example.com/x.pth"]), 5)
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match=r"MODEL.WEIGHTS: checkpoint .*nope.pth does not exist"):
         build_model(load_config(None, TINY + ["MODEL.WEIGHTS", str(tmp_path / "nope.pth")]), 5)
+    with pytest.raises(FileNotFoundError, match=r"MODEL.BACKBONE_WEIGHTS: checkpoint .*r50.pth does not exist"):
+        build_model(load_config(None, TINY + ["MODEL.BACKBONE_WEIGHTS", str(tmp_path / "r50.pth")]), 5)

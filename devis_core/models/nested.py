@@ -74,7 +74,8 @@ def as_nested_tensor(samples) -> NestedTensor:
                     f"got {type(samples).__name__}")
 
 
-def pad_batch_to_multiple(batch: NestedTensor, targets: Sequence[dict], multiple: int) -> tuple[NestedTensor, list[dict]]:
+def pad_batch_to_multiple(batch: NestedTensor, targets: Sequence[dict],
+                          multiple: int) -> tuple[NestedTensor, list[dict]]:
     """Round a training batch's canvas up to multiples of ``multiple`` (INPUT.TRAIN_PAD_MULTIPLE).
 
     batch: images (N, C, H, W) with padding mask (N, H, W). targets: dicts whose optional ``masks``
