@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from devis_core.distributed import (EpochSeededDataset, ShardedEpochSampler, bar
                                     get_rank, get_world_size, init_distributed, is_distributed, is_main_process,
                                     seed_everything)
 from devis_core.engine import evaluate_coco, prepare_for_amp, train_one_epoch, validation_loss
+from devis_core.interrupt import StopRequest, TrainingInterrupted
 from devis_core.logging_utils import build_training_log
 from devis_core.precision import configure_tf32
 
@@ -171,6 +173,13 @@ def train(cfg, resume: bool = False, eval_only: bool = False,
         cleanup_distributed()
 
 
+def _stop(log, out_dir: Path, epoch: int, iteration: int) -> None:
+    """Log the stop and raise ``TrainingInterrupted``; the caller has just saved (epoch, iteration)."""
+    log.log({"kind": "interrupted", "epoch": epoch, "iteration": iteration})
+    raise TrainingInterrupted(f"stopped by SIGTERM after epoch {epoch}, iteration {iteration}; the state is in "
+                              f"{out_dir / ckpt.LAST_CHECKPOINT}: continue with --resume")
+
+
 def _run(cfg, rank, world, device, resume, eval_only, callbacks) -> dict:
     from devis_core.criterion import build_criterion
     from devis_core.models import build_model
@@ -225,49 +234,57 @@ def _run(cfg, rank, world, device, resume, eval_only, callbacks) -> dict:
     every = int(cfg.SOLVER.CHECKPOINT_ITERS)
     log.log({"kind": "start", "epoch": start_epoch, "iteration": start_iter, "resumed": bool(resume)})
     last_train, last_eval = {}, {}
-    for epoch in range(start_epoch, int(cfg.SOLVER.EPOCHS) + 1):
-        skip = start_iter if epoch == start_epoch else 0
-        sampler.set_position(epoch, 0)
-        epoch_len = -(-len(sampler) // batch)
-        sampler.set_position(epoch, skip * batch)
-        train_set.set_epoch(epoch)
-        loader.generator.manual_seed(int(cfg.SEED) * 1000 + epoch)
+    with StopRequest(world) as stop:  # SIGTERM: checkpoint at the next iteration boundary, then stop
+        for epoch in range(start_epoch, int(cfg.SOLVER.EPOCHS) + 1):
+            skip = start_iter if epoch == start_epoch else 0
+            sampler.set_position(epoch, 0)
+            epoch_len = -(-len(sampler) // batch)
+            sampler.set_position(epoch, skip * batch)
+            train_set.set_epoch(epoch)
+            loader.generator.manual_seed(int(cfg.SEED) * 1000 + epoch)
 
-        def after_step(i: int, _epoch=epoch, _len=epoch_len) -> None:
-            if every > 0 and i % every == 0 and i < _len:
-                rng = _gather_rng()
-                if main:
-                    ckpt.save_training_state(out_dir, model, optimizer, scheduler, _epoch, i, cfg, False, best,
-                                             rng=rng)
-                    log.log({"kind": "checkpoint", "epoch": _epoch, "iteration": i})
-                barrier()
+            def after_step(i: int, _epoch=epoch, _len=epoch_len) -> None:
+                # the last iteration's stop check waits for the end-of-epoch checkpoint below
+                stopping = i < _len and stop.requested()
+                if stopping or (every > 0 and i % every == 0 and i < _len):
+                    rng = _gather_rng()
+                    if main:
+                        ckpt.save_training_state(out_dir, model, optimizer, scheduler, _epoch, i, cfg, False, best,
+                                                 rng=rng)
+                        log.log({"kind": "checkpoint", "epoch": _epoch, "iteration": i})
+                    barrier()
+                if stopping:
+                    _stop(log, out_dir, _epoch, i)
 
-        t0 = time.time()
-        last_train = train_one_epoch(train_model, criterion, loader, optimizer, device, epoch,
-                                     cfg.SOLVER.GRAD_CLIP_MAX_NORM, amp=bool(cfg.SOLVER.AMP),
-                                     skip_nonfinite=bool(cfg.SOLVER.SKIP_NONFINITE_STEPS), start_iteration=skip,
-                                     num_iterations=epoch_len, log=log,
-                                     log_interval=int(cfg.VISDOM_AND_LOG_INTERVAL), after_step=after_step)
-        scheduler.step()
-        record = {"kind": "train_epoch", "epoch": epoch, "train_loss": last_train.get("loss"),
-                  "epoch_time_s": time.time() - t0, **{f"train_{k}": v for k, v in last_train.items()}}
-        record["lr"] = last_train["lr"]
-        log.log(record)
-        if eval_due(cfg, epoch):
-            last_eval = evaluator(model, criterion, epoch)
-            log.log({"kind": "eval", "epoch": epoch, **last_eval})
-            ap = last_eval.get("AP")
-            if ap is not None and (best["AP"] is None or ap > best["AP"]):
-                best = {"AP": float(ap), "epoch": epoch}
-                if main:
-                    ckpt.save_checkpoint(out_dir / "checkpoint_best.pth", model, epoch=epoch, cfg=cfg, best=best)
-        rng = _gather_rng()
-        if main:
-            extra = (f"checkpoint_epoch_{epoch}.pth",) if epoch % max(1, int(cfg.SOLVER.CHECKPOINT_INTERVAL)) == 0 else ()
-            ckpt.save_training_state(out_dir, model, optimizer, scheduler, epoch, epoch_len, cfg, True, best,
-                                     extra_names=extra, rng=rng)
-            log.log({"kind": "checkpoint", "epoch": epoch, "iteration": epoch_len, "epoch_complete": True})
-        barrier()
+            t0 = time.time()
+            last_train = train_one_epoch(train_model, criterion, loader, optimizer, device, epoch,
+                                         cfg.SOLVER.GRAD_CLIP_MAX_NORM, amp=bool(cfg.SOLVER.AMP),
+                                         skip_nonfinite=bool(cfg.SOLVER.SKIP_NONFINITE_STEPS), start_iteration=skip,
+                                         num_iterations=epoch_len, log=log,
+                                         log_interval=int(cfg.VISDOM_AND_LOG_INTERVAL), after_step=after_step)
+            scheduler.step()
+            record = {"kind": "train_epoch", "epoch": epoch, "train_loss": last_train.get("loss"),
+                      "epoch_time_s": time.time() - t0, **{f"train_{k}": v for k, v in last_train.items()}}
+            record["lr"] = last_train["lr"]
+            log.log(record)
+            if eval_due(cfg, epoch):
+                last_eval = evaluator(model, criterion, epoch)
+                log.log({"kind": "eval", "epoch": epoch, **last_eval})
+                ap = last_eval.get("AP")
+                if ap is not None and (best["AP"] is None or ap > best["AP"]):
+                    best = {"AP": float(ap), "epoch": epoch}
+                    if main:
+                        ckpt.save_checkpoint(out_dir / "checkpoint_best.pth", model, epoch=epoch, cfg=cfg, best=best)
+            rng = _gather_rng()
+            if main:
+                keep = epoch % max(1, int(cfg.SOLVER.CHECKPOINT_INTERVAL)) == 0
+                extra = (f"checkpoint_epoch_{epoch}.pth",) if keep else ()
+                ckpt.save_training_state(out_dir, model, optimizer, scheduler, epoch, epoch_len, cfg, True, best,
+                                         extra_names=extra, rng=rng)
+                log.log({"kind": "checkpoint", "epoch": epoch, "iteration": epoch_len, "epoch_complete": True})
+            barrier()
+            if epoch < int(cfg.SOLVER.EPOCHS) and stop.requested():
+                _stop(log, out_dir, epoch, epoch_len)
     if main:
         log.log({"kind": "done", "epoch": int(cfg.SOLVER.EPOCHS), "best_AP": best["AP"], "best_epoch": best["epoch"]})
     return {"epochs_done": int(cfg.SOLVER.EPOCHS) - start_epoch + 1, "last_train": last_train,
@@ -295,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"[train] rank {get_rank()}: stopped: {err}", file=sys.stderr, flush=True)
         return 1
+    except TrainingInterrupted as err:
+        print(f"[train] rank {get_rank()}: {err}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         print(f"[train] done: {summary['epochs_done']} epoch(s); best AP {summary['best']['AP']} "
               f"(epoch {summary['best']['epoch']}); outputs in {summary['output_dir']}", flush=True)

@@ -1,4 +1,4 @@
-"""Exact resume after SIGKILL mid-epoch, atomic checkpoint writes and clear errors on bad checkpoints."""
+"""Exact resume after SIGKILL or SIGTERM mid-epoch, atomic checkpoint writes and clear errors on bad checkpoints."""
 from __future__ import annotations
 
 import os
@@ -67,6 +67,92 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path,
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 2
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_sigterm_mid_epoch_checkpoints_stops_and_resumes_to_the_uninterrupted_weights(tmp_path, one_thread):
+    """SIGTERM (a scheduler's pre-emption, ``timeout``) with no periodic checkpoints: the run saves the state
+    of the iteration it was in, exits with 143, and --resume reaches the uninterrupted run's weights."""
+    make_synthetic_coco(str(tmp_path / "data"), num_images=(6, 2), size=(64, 96), num_categories=3,
+                        objects=(1, 2), seed=0)
+    common = ARGS + ["DATASETS.DATA_PATH", str(tmp_path / "data"), "SOLVER.CHECKPOINT_ITERS", "0",
+                     "VISDOM_AND_LOG_INTERVAL", "1"]
+    ref = train(load_config(CONFIG, common + ["OUTPUT_DIR", str(tmp_path / "ref")]))
+    assert ref["epochs_done"] == 2
+
+    out = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "devis_core.train", "--config-file", CONFIG, *common,
+                             "OUTPUT_DIR", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            recs = read_json_lines(out / "metrics.jsonl")
+            if any(r["kind"] == "train_iter" and r["epoch"] == 1 and r["iteration"] == 1 for r in recs):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "training ended before the test could stop it: " + proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert "stopped by SIGTERM after epoch 1, iteration" in err.decode() and "--resume" in err.decode()
+    recs = read_json_lines(out / "metrics.jsonl")
+    stop = [r for r in recs if r["kind"] == "interrupted"]
+    assert len(stop) == 1 and "done" not in [r["kind"] for r in recs]
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    # nothing periodic was configured: this checkpoint is the one the stop wrote, at the iteration it names
+    assert (state["epoch"], state["iteration"]) == (stop[0]["epoch"], stop[0]["iteration"]) and state["epoch"] == 1
+    assert 1 <= state["iteration"] <= 3 and state["epoch_complete"] == (state["iteration"] == 3)
+
+    resumed = train(load_config(CONFIG, common + ["OUTPUT_DIR", str(out)]), resume=True)
+    assert resumed["epochs_done"] == 2 - state["epoch"] + 1
+    a = torch.load(tmp_path / "ref" / "checkpoint.pth", weights_only=True)
+    b = torch.load(out / "checkpoint.pth", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def _stop_request_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from devis_core.interrupt import StopRequest
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        with StopRequest(world=2) as stop:
+            first = stop.requested()
+            if rank == 1:
+                stop.request()
+            results[rank] = (first, stop.requested())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stop_request_is_agreed_across_ranks_and_restores_the_handler():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from devis_core.interrupt import StopRequest
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_stop_request_worker, args=(port, results), nprocs=2)
+    # only rank 1 was asked; both ranks see the stop at the same call, neither before it
+    assert dict(results) == {0: (False, True), 1: (False, True)}
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert signal.getsignal(signal.SIGTERM) is not before and not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)                         # the handler runs between bytecodes of the main thread
+        assert stop.requested()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_crash_during_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
