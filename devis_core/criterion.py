@@ -127,6 +127,11 @@ def _cat(tensors: Sequence[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
+def _stack(tensors: Sequence[Tensor]) -> Tensor:
+    """torch.stack along a new first axis; one tensor becomes a view with that axis (no copy)."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(list(tensors))
+
+
 class _Targets(NamedTuple):
     """What every decoder layer's losses read from the targets, prepared once per forward.
 
@@ -143,27 +148,38 @@ class _Targets(NamedTuple):
 
 
 class _Pairs(NamedTuple):
-    """The matched pairs of one decoder layer as device index tensors (built on the host).
+    """The matched pairs of ALL decoder layers, concatenated layer by layer, as device index tensors
+    (built on the host).
 
-    pos_batch, pos_query, pos_label: (P,) pairs present on their frame (class-loss positives);
-    reg_batch, reg_query: (R,) regressed pairs (box and mask losses); reg_target: (R,) their entry in
-    the concatenated targets; reg_rank: (R,) their position among the M matched pairs (the order of
-    ``pred_masks``); reg_mask_row: (R,) their row b·max N + j of the flattened padded masks.
-    num_matched: M; num_pos: P.
+    pos_layer, pos_batch, pos_query, pos_label: (ΣP,) pairs present on their frame (class-loss positives);
+    reg_layer, reg_batch, reg_query: (ΣR,) regressed pairs (box and mask losses); reg_target: their entry
+    in the concatenated targets; reg_slot: their position among their layer's regressed pairs; reg_rank:
+    their position among their layer's M matched pairs (the order of ``pred_masks``); reg_mask_row: their
+    row b·max N + j of the flattened padded masks. num_pos, num_reg, num_matched: per-layer P, R, M (host).
     """
+    pos_layer: Tensor
     pos_batch: Tensor
     pos_query: Tensor
     pos_label: Tensor
+    reg_layer: Tensor
     reg_batch: Tensor
     reg_query: Tensor
     reg_target: Tensor
+    reg_slot: Tensor
     reg_rank: Tensor
     reg_mask_row: Tensor
-    num_matched: int
-    num_pos: int
+    num_pos: list[int]
+    num_reg: list[int]
+    num_matched: list[int]
+
+    def layer_slice(self, field: str, layer: int) -> Tensor:
+        """The entries of one layer of a ``reg_*`` or ``pos_*`` field."""
+        counts = self.num_reg if field.startswith("reg_") else self.num_pos
+        start = sum(counts[:layer])
+        return getattr(self, field)[start:start + counts[layer]]
 
 
-_PAIR_FIELDS = len(_Pairs._fields) - 2
+_PAIR_FIELDS = len(_Pairs._fields) - 3
 
 
 class SetCriterion(nn.Module):
@@ -226,10 +242,10 @@ class SetCriterion(nn.Module):
         return _Targets(counts, offsets, labels_h, valid_h, boxes, masks)
 
     @staticmethod
-    def _layer_plan(tg: _Targets, indices) -> tuple[list[np.ndarray], int, int]:
-        """Host index arrays of one layer in ``_Pairs`` field order (without the two counts), M and P."""
+    def _layer_plan(tg: _Targets, indices) -> tuple[dict[str, np.ndarray], int]:
+        """Host index arrays of one layer (the ``_Pairs`` fields without ``*_layer``) and its M."""
         n_max = max(tg.counts, default=0)
-        fields: list[list[np.ndarray]] = [[] for _ in range(_PAIR_FIELDS)]
+        fields: dict[str, list[np.ndarray]] = {k: [] for k in _Pairs._fields[:_PAIR_FIELDS] if not k.endswith("_layer")}
         rank0 = 0
         if len(indices) != len(tg.counts):
             raise ValueError(f"SetCriterion: {len(indices)} index pairs for {len(tg.counts)} target dicts")
@@ -245,94 +261,97 @@ class SetCriterion(nn.Module):
             # empty mask); only when a clip has no present matched entry at all does the official code
             # keep the present ones, i.e. none.
             keep = np.ones_like(present) if present.any() else present
-            fields[0].append(np.full(int(present.sum()), b, dtype=np.int64))
-            fields[1].append(src[present])
-            fields[2].append(tg.labels[off + tgt[present]])
-            fields[3].append(np.full(int(keep.sum()), b, dtype=np.int64))
-            fields[4].append(src[keep])
-            fields[5].append(off + tgt[keep])
-            fields[6].append(rank0 + np.flatnonzero(keep))
-            fields[7].append(b * n_max + tgt[keep])
+            fields["pos_batch"].append(np.full(int(present.sum()), b, dtype=np.int64))
+            fields["pos_query"].append(src[present])
+            fields["pos_label"].append(tg.labels[off + tgt[present]])
+            fields["reg_batch"].append(np.full(int(keep.sum()), b, dtype=np.int64))
+            fields["reg_query"].append(src[keep])
+            fields["reg_target"].append(off + tgt[keep])
+            fields["reg_rank"].append(rank0 + np.flatnonzero(keep))
+            fields["reg_mask_row"].append(b * n_max + tgt[keep])
             rank0 += len(src)
-        flat = [np.concatenate(f) if f else np.zeros(0, dtype=np.int64) for f in fields]
-        return flat, rank0, len(flat[0])
+        flat = {k: np.concatenate(f) if f else np.zeros(0, dtype=np.int64) for k, f in fields.items()}
+        flat["reg_slot"] = np.arange(len(flat["reg_batch"]), dtype=np.int64)
+        return flat, rank0
 
-    def _pairs(self, tg: _Targets, layer_indices: Sequence, device: torch.device) -> list[_Pairs]:
-        """``_Pairs`` of every layer; all index arrays travel to ``device`` in one copy."""
+    def _pairs(self, tg: _Targets, layer_indices: Sequence, device: torch.device) -> _Pairs:
+        """``_Pairs`` of all layers; every index array travels to ``device`` in one copy."""
         plans = [self._layer_plan(tg, indices) for indices in layer_indices]
-        arrays = [a for flat, _, _ in plans for a in flat]
-        packed = torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False))
-        packed = packed.to(device, non_blocking=True)
-        pieces = iter(torch.split(packed, [len(a) for a in arrays]))
-        return [_Pairs(*[next(pieces) for _ in range(_PAIR_FIELDS)], m, p) for _, m, p in plans]
+        num_pos = [len(flat["pos_batch"]) for flat, _ in plans]
+        num_reg = [len(flat["reg_batch"]) for flat, _ in plans]
+        host = {"pos_layer": np.repeat(np.arange(len(plans), dtype=np.int64), num_pos),
+                "reg_layer": np.repeat(np.arange(len(plans), dtype=np.int64), num_reg)}
+        for key in plans[0][0]:
+            host[key] = np.concatenate([flat[key] for flat, _ in plans])
+        names = _Pairs._fields[:_PAIR_FIELDS]
+        arrays = [host[k].astype(np.int64, copy=False) for k in names]
+        packed = torch.from_numpy(np.concatenate(arrays)).to(device, non_blocking=True)
+        return _Pairs(*torch.split(packed, [len(a) for a in arrays]), num_pos, num_reg, [m for _, m in plans])
 
-    # -- individual losses -------------------------------------------------------------------------
-    def loss_labels(self, outputs: dict, tg: _Targets, pairs: _Pairs, num_boxes: float, log: bool = True) -> dict:
-        """Focal classification over all B·Q·K logits; matched present entries are the positives.
+    # -- individual losses (all decoder layers at once where the layers share shapes) ---------------
+    def loss_labels(self, logits: Tensor, pairs: _Pairs, num_boxes: float, log: bool = True) -> dict:
+        """Focal classification over all B·Q·K logits of every layer; matched present entries are the positives.
 
-        outputs['pred_logits']: (B, Q, K). Returns loss_ce (and class_error in percent if ``log``).
+        logits: (L, B, Q, K) the layers' pred_logits, final layer first. Returns loss_ce (L,) and, if
+        ``log``, class_error (scalar, percent) of the final layer.
         """
-        logits = outputs["pred_logits"]
         onehot = torch.zeros_like(logits)
-        onehot[pairs.pos_batch, pairs.pos_query, pairs.pos_label] = 1
-        loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_boxes
+        onehot[pairs.pos_layer, pairs.pos_batch, pairs.pos_query, pairs.pos_label] = 1
+        loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).flatten(1).sum(1) / num_boxes
         out = {"loss_ce": loss}
         if log:
-            if pairs.num_pos == 0:
+            if pairs.num_pos[0] == 0:
                 out["class_error"] = logits.new_full((), 100.0)
             else:
-                pos_logits = logits[pairs.pos_batch, pairs.pos_query].detach()
-                correct = (pos_logits.argmax(-1) == pairs.pos_label).to(logits.dtype).mean()
+                batch, query = pairs.layer_slice("pos_batch", 0), pairs.layer_slice("pos_query", 0)
+                pos_logits = logits[0, batch, query].detach()
+                correct = (pos_logits.argmax(-1) == pairs.layer_slice("pos_label", 0)).to(logits.dtype).mean()
                 out["class_error"] = 100 - 100 * correct
         return out
 
-    def loss_boxes(self, outputs: dict, tg: _Targets, pairs: _Pairs, num_boxes: float) -> dict:
-        """L1 and (1 − GIoU_eps) over the regressed matched pairs, each summed / num_boxes.
+    def loss_boxes(self, boxes: Tensor, tg: _Targets, pairs: _Pairs, num_boxes: float) -> dict:
+        """L1 and (1 − GIoU_eps) over each layer's regressed matched pairs, each summed / num_boxes.
 
-        outputs['pred_boxes']: (B, Q, 4) normalised cx, cy, w, h.
+        boxes: (L, B, Q, 4) the layers' pred_boxes (normalised cx, cy, w, h), final layer first.
+        Returns loss_bbox (L,) and loss_giou (L,).
         """
-        src = outputs["pred_boxes"][pairs.reg_batch, pairs.reg_query]
+        src = boxes[pairs.reg_layer, pairs.reg_batch, pairs.reg_query]
         tgt = tg.boxes[pairs.reg_target.to(tg.boxes.device)].to(src)
-        loss_bbox = F.l1_loss(src, tgt, reduction="none").sum() / num_boxes
         # Targets were checked in _prepare_targets; a non-finite prediction gives a non-finite loss,
         # which the training loop reports.
         giou = generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt), check=False)
-        return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+        per_pair = torch.stack([(src - tgt).abs().sum(-1), 1 - giou])                    # (2, ΣR)
+        # each pair to its (layer, slot) cell, then a sum per layer: no scatter-add, so the sums are
+        # deterministic on a GPU too
+        table = per_pair.new_zeros(2, boxes.shape[0], max(pairs.num_reg, default=0))
+        table[:, pairs.reg_layer, pairs.reg_slot] = per_pair
+        loss_bbox, loss_giou = table.sum(-1) / num_boxes
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
-    def loss_masks(self, outputs: dict, tg: _Targets, pairs: _Pairs, num_boxes: float) -> dict:
-        """Pixel focal and dice losses of the matched masks at the padded batch resolution.
+    def loss_masks(self, outputs: dict, tg: _Targets, pairs: _Pairs, layer: int, num_boxes: float) -> dict:
+        """Pixel focal and dice losses of one layer's matched masks at the padded batch resolution.
 
-        outputs['pred_masks']: (M, h, w) or (M, 1, h, w) logits of the M matched pairs in the
-        concatenated order of the indices; targets' masks: (N_b, H_b, W_b), zero-padded to the batch
+        outputs['pred_masks']: (M, h, w) or (M, 1, h, w) logits of the layer's M matched pairs in the
+        concatenated order of its indices; targets' masks: (N_b, H_b, W_b), zero-padded to the batch
         max (H, W); the logits are bilinearly upsampled (align_corners=False) to it.
         """
         pred = outputs["pred_masks"]
         if pred.dim() == 4:
             pred = pred[:, 0]
-        if pred.shape[0] != pairs.num_matched:
+        if pred.shape[0] != pairs.num_matched[layer]:
             raise ValueError(f"SetCriterion: pred_masks has {pred.shape[0]} masks but the matching has "
-                             f"{pairs.num_matched} pairs; expected one mask per matched pair")
+                             f"{pairs.num_matched[layer]} pairs; expected one mask per matched pair")
         if tg.masks is None:
             raise KeyError("SetCriterion: the 'masks' loss needs 'masks' in every target dict")
         padded = tg.masks.flatten(0, 1)
-        tgt = padded[pairs.reg_mask_row.to(padded.device)].to(pred.device).to(pred.dtype)
-        pred = F.interpolate(pred[pairs.reg_rank.to(pred.device)][:, None], size=tg.masks.shape[-2:],
-                             mode="bilinear", align_corners=False)[:, 0]
+        tgt = padded[pairs.layer_slice("reg_mask_row", layer).to(padded.device)].to(pred.device).to(pred.dtype)
+        pred = F.interpolate(pred[pairs.layer_slice("reg_rank", layer).to(pred.device)][:, None],
+                             size=tg.masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         pred, tgt = pred.flatten(1), tgt.flatten(1)
         return {"loss_mask": mask_focal_loss(pred, tgt, num_boxes, self.focal_alpha, self.focal_gamma),
                 "loss_dice": dice_loss(pred, tgt, num_boxes)}
 
     # -- driver ------------------------------------------------------------------------------------
-    def _layer_losses(self, outputs: dict, tg: _Targets, pairs: _Pairs, num_boxes: float, log: bool) -> dict:
-        losses = {}
-        if "labels" in self.losses:
-            losses.update(self.loss_labels(outputs, tg, pairs, num_boxes, log=log))
-        if "boxes" in self.losses:
-            losses.update(self.loss_boxes(outputs, tg, pairs, num_boxes))
-        if "masks" in self.losses and "pred_masks" in outputs:
-            losses.update(self.loss_masks(outputs, tg, pairs, num_boxes))
-        return losses
-
     def forward(self, outputs: dict, targets: Sequence[dict]) -> dict[str, Tensor]:
         """Compute the unweighted losses of the final and auxiliary decoder layers.
 
@@ -340,7 +359,8 @@ class SetCriterion(nn.Module):
         (pred_idx, tgt_idx)), optional pred_masks (M, h, w), optional aux_outputs (list over layers
         0..D−2 of dicts with the same keys). targets: B dicts with labels (N_b,), boxes (N_b, 4),
         optional masks (N_b, H_b, W_b) bool and valid (N_b,) flags. Layers without ``indices`` are
-        matched here, all in one batched matcher call.
+        matched here, all in one batched matcher call; the class and box losses of all layers are
+        computed together (one set of ops for the stacked layers).
         Returns {loss name: scalar tensor}.
         """
         if "masks" in self.losses and "pred_masks" not in outputs:
@@ -357,10 +377,24 @@ class SetCriterion(nn.Module):
         tg = self._prepare_targets(targets, outputs["pred_logits"].shape[-1])
         num_boxes = _distributed_num_boxes(sum(tg.counts), device)
         pairs = self._pairs(tg, layer_indices, device)
-        losses = self._layer_losses(final, tg, pairs[0], num_boxes, log=True)
-        for i, (aux, aux_pairs) in enumerate(zip(layers[1:], pairs[1:])):
-            layer = self._layer_losses(aux, tg, aux_pairs, num_boxes, log=False)
-            losses.update({f"{k}_{i}": v for k, v in layer.items()})
+        stacked: dict[str, Tensor] = {}
+        if "labels" in self.losses:
+            stacked.update(self.loss_labels(_stack([layer["pred_logits"] for layer in layers]), pairs, num_boxes))
+        if "boxes" in self.losses:
+            stacked.update(self.loss_boxes(_stack([layer["pred_boxes"] for layer in layers]), tg, pairs, num_boxes))
+        per_layer: list[dict] = [{} for _ in layers]
+        for key, value in stacked.items():
+            if key == "class_error":
+                per_layer[0][key] = value
+            else:
+                for i, v in enumerate(value.unbind(0)):
+                    per_layer[i][key] = v
+        for i, layer in enumerate(layers):
+            if "masks" in self.losses and "pred_masks" in layer:
+                per_layer[i].update(self.loss_masks(layer, tg, pairs, i, num_boxes))
+        losses = dict(per_layer[0])
+        for i, layer_losses in enumerate(per_layer[1:]):
+            losses.update({f"{k}_{i}": v for k, v in layer_losses.items()})
         return losses
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:

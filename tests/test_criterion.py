@@ -310,16 +310,46 @@ def test_pairs_of_every_layer_hand_checked():
     assert tuple(tg.masks.shape) == (2, 3, 2, 2)
     layer_a = [(torch.tensor([4, 7]), torch.tensor([1, 0])), (torch.tensor([5]), torch.tensor([1]))]
     layer_b = [(torch.tensor([0]), torch.tensor([2])), (torch.tensor([], dtype=torch.int64),) * 2]
-    a, b = crit._pairs(tg, [layer_a, layer_b], torch.device("cpu"))
+    p = crit._pairs(tg, [layer_a, layer_b], torch.device("cpu"))
     # layer a: image 0 pairs (q4 -> entry 1 absent, q7 -> entry 0 present): one positive, both regressed;
     # image 1 pair (q5 -> entry 1 absent): no present entry in that image, so nothing regressed.
-    assert (a.pos_batch.tolist(), a.pos_query.tolist(), a.pos_label.tolist()) == ([0], [7], [2])
-    assert (a.reg_batch.tolist(), a.reg_query.tolist(), a.reg_target.tolist()) == ([0, 0], [4, 7], [1, 0])
-    assert a.reg_rank.tolist() == [0, 1] and a.reg_mask_row.tolist() == [1, 0]
-    assert (a.num_matched, a.num_pos) == (3, 1)
-    assert (b.pos_query.tolist(), b.pos_label.tolist(), b.reg_target.tolist(), b.reg_mask_row.tolist()) == \
-        ([0], [0], [2], [2])
-    assert (b.num_matched, b.num_pos) == (1, 1)
+    # layer b: image 0 pair (q0 -> entry 2 present): one positive, regressed; image 1: no pair.
+    assert (p.num_pos, p.num_reg, p.num_matched) == ([1, 1], [2, 1], [3, 1])
+    assert p.pos_layer.tolist() == [0, 1] and p.reg_layer.tolist() == [0, 0, 1]
+    assert (p.pos_batch.tolist(), p.pos_query.tolist(), p.pos_label.tolist()) == ([0, 0], [7, 0], [2, 0])
+    assert (p.reg_batch.tolist(), p.reg_query.tolist(), p.reg_target.tolist()) == ([0, 0, 0], [4, 7, 0], [1, 0, 2])
+    assert p.reg_slot.tolist() == [0, 1, 0]
+    assert p.reg_rank.tolist() == [0, 1, 0] and p.reg_mask_row.tolist() == [1, 0, 2]
+    assert p.layer_slice("reg_mask_row", 1).tolist() == [2] and p.layer_slice("pos_query", 0).tolist() == [7]
+
+
+def test_stacked_layer_losses_equal_each_layer_on_its_own():
+    """The class and box losses of three decoder layers computed together equal each layer's losses
+    computed alone (float64), with different matches and pair counts per layer."""
+    g = torch.Generator().manual_seed(0)
+    B, Q, K = 2, 5, 3
+    targets = [{"labels": torch.tensor([2, 1, 0]), "valid": torch.tensor([1, 0, 1]),
+                "boxes": torch.rand(3, 2, generator=g, dtype=torch.float64).mul(0.5).add(0.25).repeat(1, 2)},
+               {"labels": torch.tensor([1]), "boxes": f64([TGT])}]
+    layers = []
+    for perm in ([4, 0, 2], [1, 3, 0], [2, 4, 1]):
+        layers.append({"pred_logits": torch.randn(B, Q, K, generator=g, dtype=torch.float64),
+                       "pred_boxes": torch.rand(B, Q, 4, generator=g, dtype=torch.float64).mul(0.5).add(0.2),
+                       "indices": [(torch.tensor(perm[:3]), torch.tensor([0, 1, 2])),
+                                   (torch.tensor(perm[:1]), torch.tensor([0]))]})
+    layers[2]["indices"][0] = (torch.tensor([3]), torch.tensor([1]))   # a layer with fewer pairs
+    crit = SetCriterion(K, NoMatcher(), {}, ("labels", "boxes"))
+    together = crit({**layers[0], "aux_outputs": layers[1:]}, targets)
+    for i, layer in enumerate(layers):
+        alone = crit(layer, targets)
+        suffix = "" if i == 0 else f"_{i - 1}"
+        for k in ("loss_ce", "loss_bbox", "loss_giou"):
+            torch.testing.assert_close(together[k + suffix], alone[k], rtol=1e-12, atol=1e-15, msg=k + suffix)
+    torch.testing.assert_close(together["class_error"], crit(layers[0], targets)["class_error"])
+    # by hand: layer 2 (aux index 1) matches image 0 only to entry 1, which is absent, so image 0
+    # regresses nothing (the official rule); image 1 regresses q2 -> entry 0; num_boxes = 3 + 1 entries
+    l1 = (layers[2]["pred_boxes"][1, 2] - targets[1]["boxes"][0]).abs().sum()
+    torch.testing.assert_close(together["loss_bbox_1"], l1 / 4, rtol=1e-12, atol=0)
 
 
 def test_target_checks_cover_every_entry():
