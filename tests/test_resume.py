@@ -27,14 +27,10 @@ ARGS = ["MODEL.HIDDEN_DIM", "128", "MODEL.DIM_FEEDFORWARD", "64", "MODEL.TRANSFO
 CONFIG = "synthetic/deformable_detr_tiny.yaml"
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, one_thread):
-    make_synthetic_coco(str(tmp_path / "data"), num_images=(6, 2), size=(64, 96), num_categories=3,
-                        objects=(1, 2), seed=0)
-    common = ARGS + ["DATASETS.DATA_PATH", str(tmp_path / "data")]
-    ref = train(load_config(CONFIG, common + ["OUTPUT_DIR", str(tmp_path / "ref")]))
-    assert ref["epochs_done"] == 2
-
-    out = tmp_path / "killed"
+def _signal_training_when(common: list[str], out: Path, kind: str, epoch: int, iteration: int,
+                          sig: int) -> tuple[int, str]:
+    """Run the training CLI in a subprocess, send ``sig`` once metrics.jsonl has a ``kind`` record at
+    (epoch, iteration), wait for the process; returns (return code, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "devis_core.train", "--config-file", CONFIG, *common,
                              "OUTPUT_DIR", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -43,17 +39,30 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path,
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
             recs = read_json_lines(out / "metrics.jsonl")
-            if any(r["kind"] == "checkpoint" and r["epoch"] == 1 and r["iteration"] == 2 for r in recs):
+            if any(r["kind"] == kind and r["epoch"] == epoch and r["iteration"] == iteration for r in recs):
                 break
             time.sleep(0.01)
-        assert proc.poll() is None, "training ended before the test could kill it: " + proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        assert proc.poll() is None, \
+            "training ended before the test could signal it: " + proc.stderr.read().decode()[-2000:]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, err.decode()
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, one_thread):
+    make_synthetic_coco(str(tmp_path / "data"), num_images=(6, 2), size=(64, 96), num_categories=3,
+                        objects=(1, 2), seed=0)
+    common = ARGS + ["DATASETS.DATA_PATH", str(tmp_path / "data")]
+    ref = train(load_config(CONFIG, common + ["OUTPUT_DIR", str(tmp_path / "ref")]))
+    assert ref["epochs_done"] == 2
+
+    out = tmp_path / "killed"
+    code, _ = _signal_training_when(common, out, "checkpoint", 1, 2, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 1 and not state["epoch_complete"]  # killed mid-epoch 1
     assert "done" not in [r["kind"] for r in read_json_lines(out / "metrics.jsonl")]
@@ -80,26 +89,9 @@ def test_sigterm_mid_epoch_checkpoints_stops_and_resumes_to_the_uninterrupted_we
     assert ref["epochs_done"] == 2
 
     out = tmp_path / "stopped"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "devis_core.train", "--config-file", CONFIG, *common,
-                             "OUTPUT_DIR", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            recs = read_json_lines(out / "metrics.jsonl")
-            if any(r["kind"] == "train_iter" and r["epoch"] == 1 and r["iteration"] == 1 for r in recs):
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "training ended before the test could stop it: " + proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, err.decode()[-2000:]
-    assert "stopped by SIGTERM after epoch 1, iteration" in err.decode() and "--resume" in err.decode()
+    code, err = _signal_training_when(common, out, "train_iter", 1, 1, signal.SIGTERM)
+    assert code == 143, err[-2000:]
+    assert "stopped by SIGTERM after epoch 1, iteration" in err and "--resume" in err
     recs = read_json_lines(out / "metrics.jsonl")
     stop = [r for r in recs if r["kind"] == "interrupted"]
     assert len(stop) == 1 and "done" not in [r["kind"] for r in recs]
