@@ -37,6 +37,8 @@ _LEVEL_OF = """__device__ __forceinline__ int level_of(int s, int nc, const Shap
   return s < nc ? s / sh.Pc : ((s - nc) % (sh.L * sh.Pt)) / sh.Pt;
 }
 """
+# the level of the sample whose corners an atomic adds (the paired 16-bit path adds its partner group's too)
+_SAMPLE_LEVEL = "level_of(base + (k0 + b) * NG + (kPaired ? (grp & ~1) + u : grp), nc, sh)"
 VARIANTS = {
     "base": {},
     "noswizzle": {"DEVIS_TILE_SWIZZLE": 0},
@@ -46,11 +48,9 @@ VARIANTS = {
     "batch4": {"DEVIS_FWD_BATCH": 4, "DEVIS_BWD_BATCH": 4},
     "noatomic": {"_patch": [("atomic_add4(gdst", "if (sh.T < 0) atomic_add4(gdst")], "_diagnostic": True},
     # value-gradient atomics of the coarsest level(s) dropped: what privatising them could save at most
-    "skipl3": {"_patch": [("if (umask >> i & 1)",
-                           "if ((umask >> i & 1) && level_of(base + (k0 + b) * NG + (kPaired ? (grp & ~1) + u : grp), nc, sh) < 3)"),
+    "skipl3": {"_patch": [("if (umask >> i & 1)", f"if ((umask >> i & 1) && {_SAMPLE_LEVEL} < 3)"),
                           ("// ---- backward ----", _LEVEL_OF + "// ---- backward ----")], "_diagnostic": True},
-    "skipl23": {"_patch": [("if (umask >> i & 1)",
-                            "if ((umask >> i & 1) && level_of(base + (k0 + b) * NG + (kPaired ? (grp & ~1) + u : grp), nc, sh) < 2)"),
+    "skipl23": {"_patch": [("if (umask >> i & 1)", f"if ((umask >> i & 1) && {_SAMPLE_LEVEL} < 2)"),
                            ("// ---- backward ----", _LEVEL_OF + "// ---- backward ----")], "_diagnostic": True},
 }
 CASES = [("encoder 360x640", torch.float32), ("encoder 360x640", torch.bfloat16), ("decoder N_q=30", torch.float32)]

@@ -123,3 +123,20 @@ def test_jit_build_compiles_and_links(monkeypatch):
     assert libs, f"no shared library in {out}"
     assert callable(ext.forward) and callable(ext.backward)
     assert ext.source_hash == "h" + ops_build.source_hash()
+
+
+def test_every_tuning_variant_patches_text_that_exists_in_the_kernel():
+    """ops/tune_launch.py builds diagnostic variants by text substitution; a kernel edit that removes a
+    patch target would only fail on the GPU machine, after minutes of building."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_launch", ops_build.SOURCE.parents[1] / "tune_launch.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    src = ops_build.SOURCE.read_text()
+    patched = 0
+    for name, variant in tune.VARIANTS.items():
+        for old, _ in tune._ONLY_D32 + variant.get("_patch", []):
+            assert src.count(old) == 1, f"variant {name!r}: patch target {old!r} occurs {src.count(old)} times"
+            patched += 1
+    assert patched > len(tune.VARIANTS)
