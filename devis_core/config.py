@@ -202,9 +202,9 @@ PROJECT_KEYS: list[tuple[str, Any, str]] = [
     ("INPUT.TRAIN_PAD_MULTIPLE", 0,
      "Training: pad each batch of images or clip (bottom/right, masked like DETR's batch padding; target masks "
      "padded too) to height and width multiples of N. 0: no padding beyond the batch's largest size, as the "
-     "official code. With multi-scale crops every "
-     "clip has a new size, and each new convolution shape costs cuDNN a plan search on the GPU; a few "
-     "padded sizes keep those plans cached. Changes the numbers a little (padded borders)."),
+     "official code. With multi-scale crops every batch has a new size, and each new convolution shape costs "
+     "cuDNN a plan search on the GPU; a few padded sizes keep those plans cached. Changes the numbers a "
+     "little (padded borders)."),
     ("SOLVER.AMP", False,
      "Train (and evaluate) under bfloat16 autocast; the criterion and matcher stay float32. Off: float32 "
      "everywhere, as the official training."),

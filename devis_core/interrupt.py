@@ -47,7 +47,7 @@ class StopRequest:
         return False
 
     def _on_signal(self, signum, frame) -> None:
-        self._flag = True
+        self.request()
 
     def request(self) -> None:
         """Ask for a stop as SIGTERM does (for callers without signals, e.g. a notebook button)."""
