@@ -223,7 +223,11 @@ def test_gpu_rows_have_peak_memory_and_bfloat16():
     assert [r["dtype"] for r in res["rows"]] == ["float32", "bfloat16"]
     for r in res["rows"]:
         assert r["train_peak_gib"] > 0 and r["infer_peak_gib"] > 0 and r["train_ms"] > 0
-        assert set(r["profile"]) == {"train_device", "train_cpu", "inference_device", "inference_cpu"}
+        assert set(r["profile"]) == {"train_device", "train_cpu", "inference_device", "inference_cpu",
+                                     "train_gpu_busy_ms", "inference_gpu_busy_ms"}
+        # the GPU works for part of a synchronised iteration, never for more than all of it
+        assert 0 < r["profile"]["train_gpu_busy_ms"] < 3 * r["train_ms"]
+        assert 0 < r["profile"]["inference_gpu_busy_ms"] < 3 * r["infer_ms"]
 
 
 def test_notebook_runs_with_tiny_parameters(tmp_path):
@@ -247,3 +251,19 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)                 # the breakdown chart
     last = nb["cells"][-1]["outputs"]
     assert "".join(last[-1]["text"]).rstrip().splitlines()[-1].startswith("| T=3 K=3 | float32 | 64x96 |")
+
+
+def test_gpu_busy_is_the_union_of_activity_intervals():
+    from types import SimpleNamespace as NS
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(start, end, device=cuda, annotation=False):
+        return NS(time_range=NS(start=start, end=end), device_type=device, is_user_annotation=annotation)
+
+    events = [ev(0, 10), ev(5, 12),                      # overlapping kernels on two streams: 0..12
+              ev(20, 25),                                # after an idle gap: 5 more
+              ev(0, 30, annotation=True),                # an annotation spanning both: not work
+              ev(40, 100, device=cpu)]                   # host op: not GPU work
+    assert bench._busy_us(events) == 17
+    assert bench._busy_us([]) == 0

@@ -480,13 +480,34 @@ def stage_breakdown(setup: Setup, samples: NestedTensor, targets: list[dict], it
             "inference": median(per_infer, STAGES_INFER, {})}
 
 
+def _busy_us(events) -> float:
+    """Microseconds in which at least one GPU activity of ``events`` (profiler FunctionEvents) ran:
+    the union of their intervals, so work overlapping on several streams counts once. User
+    annotations (such as the optimiser's step range) span kernels and idle gaps alike and are left out."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in spans:
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
 def profile_tables(setup: Setup, samples: NestedTensor, targets: list[dict], iters: int = 3,
                    row_limit: int = 25) -> dict[str, str]:
     """torch.profiler over ``iters`` training iterations and ``iters`` per-clip inferences (run after
     warm-up). Returns text tables of the top ``row_limit`` ops: 'train_device' / 'inference_device' by
     self CUDA time (GPU only) and 'train_cpu' / 'inference_cpu' by self CPU time. Stage totals are
     :func:`stage_breakdown`'s job: profiler ranges would list as ops with their whole span as self
-    device time."""
+    device time. On a GPU also 'train_gpu_busy_ms' / 'inference_gpu_busy_ms' (floats): the summed
+    duration of the GPU activities (kernels, copies, fills) per iteration; set against the measured
+    iteration time it tells a GPU-bound iteration from one the host cannot feed fast enough."""
     from torch.profiler import ProfilerActivity, profile
 
     from devis_core.inference import eval_mode
@@ -510,6 +531,7 @@ def profile_tables(setup: Setup, samples: NestedTensor, targets: list[dict], ite
                 torch.cuda.synchronize(setup.device)
         averages = prof.key_averages()
         if cuda:
+            out[f"{kind}_gpu_busy_ms"] = _busy_us(prof.events()) / 1e3 / iters
             out[f"{kind}_device"] = averages.table(sort_by="self_device_time_total", row_limit=row_limit)
         out[f"{kind}_cpu"] = averages.table(sort_by="self_cpu_time_total", row_limit=row_limit)
     return out
@@ -733,7 +755,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.profile:
         for r in res["rows"]:
             for name, table in r["profile"].items():
+                if not isinstance(table, str):
+                    continue
                 print(f"\n## profile {r['dtype']} {r['size']}: {name}\n{table}")
+            if "train_gpu_busy_ms" in r["profile"]:
+                p = r["profile"]
+                print(f"\nGPU busy {r['dtype']} {r['size']}: training iteration {p['train_gpu_busy_ms']:.1f} of "
+                      f"{r['train_ms']:.1f} ms, inference clip {p['inference_gpu_busy_ms']:.1f} of {r['infer_ms']:.1f} ms")
     print("\n## training iteration by stage (ms, median)\n" + format_breakdown(res, "train"))
     print("\n## per-clip inference by stage (ms, median)\n" + format_breakdown(res, "inference"))
     print("\n## issue 8 targets\n" + format_targets(res))
