@@ -82,9 +82,11 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _clip_frames(load_frames: LoadFrames, frame_ids: Sequence[int], cache: dict[int, Tensor],
-                 video_id: int) -> Tensor:
-    """Frames of one clip, (T, 3, h, w); frames the previous clip already loaded are reused, the rest are
-    requested in one ``load_frames`` call. ``cache`` is replaced by this clip's frames."""
+                 video_id: int, device: torch.device) -> Tensor:
+    """Frames of one clip, (T, 3, h, w) on ``device``; frames the previous clip already loaded are reused
+    where they already are, the rest are requested in one ``load_frames`` call and copied over once (so
+    overlapping frames cross to the GPU once, not once per clip). ``cache`` is replaced by this clip's
+    frames."""
     missing = [f for f in dict.fromkeys(frame_ids) if f not in cache]
     loaded: dict[int, Tensor] = {f: cache[f] for f in dict.fromkeys(frame_ids) if f in cache}
     if missing:
@@ -94,7 +96,7 @@ def _clip_frames(load_frames: LoadFrames, frame_ids: Sequence[int], cache: dict[
             shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
             raise InferenceError(f"video {video_id}: load_frames({missing}) returned {shape}, expected a tensor "
                                  f"({len(missing)}, 3, h, w)")
-        loaded.update(zip(missing, batch.unbind(0)))
+        loaded.update(zip(missing, batch.to(device, non_blocking=True).unbind(0)))
     sizes = {tuple(t.shape[-2:]) for t in loaded.values()}
     if len(sizes) != 1:
         raise InferenceError(f"video {video_id}: frames {list(frame_ids)} come in several sizes {sorted(sizes)}; "
@@ -147,7 +149,7 @@ def infer_video(model: nn.Module, load_frames: LoadFrames, video_id: int, video_
     # counters, which inference tensors do not have.
     with eval_mode(model), torch.no_grad():
         for index, frame_ids in enumerate(clips):
-            frames = _clip_frames(load_frames, frame_ids, cache, video_id).to(device, non_blocking=True)
+            frames = _clip_frames(load_frames, frame_ids, cache, video_id, device)
             samples = NestedTensor(frames, torch.zeros((frames.shape[0], *frames.shape[-2:]), dtype=torch.bool,
                                                        device=device))
             _synchronize(device)

@@ -377,3 +377,35 @@ def test_encode_masks_batches_the_same_rles_as_one_by_one():
         assert batched[i]["size"] == [5, 7] and isinstance(batched[i]["counts"], str)
     assert not mask_util.decode(dict(batched[1], counts=batched[1]["counts"].encode())).any()
     assert encode_masks([]) == []
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_encode_masks_equals_pycocotools_encode(device):
+    """Run boundaries found with tensor ops give pycocotools' own strings, including the masks whose
+    runs start or end at the corners (all on, all off, a single pixel at either end)."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    from devis_core.tracking import encode_masks
+    g = torch.Generator().manual_seed(3)
+    h, w = 37, 53
+    binary = torch.rand(12, h, w, generator=g) > 0.7
+    binary[1] = True
+    binary[2] = False
+    binary[3] = False
+    binary[3, 0, 0] = True                        # a run of one at the start (Fortran order)
+    binary[4] = False
+    binary[4, -1, -1] = True                      # ... and at the end
+    binary[5] = True
+    binary[5, 0, 0] = False
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    binary[6] = (yy - 18) ** 2 + (xx - 20) ** 2 < 81      # a blob: long runs, the usual case
+    expected = mask_util.encode(np.asfortranarray(binary.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    got = encode_masks(binary.float().to(device))
+    assert [r["counts"] for r in got] == [r["counts"].decode() for r in expected]
+    assert all(r["size"] == [h, w] for r in got)
+    one = torch.zeros(1, 1, 1)
+    assert encode_masks(one.to(device)) == [{"size": [1, 1], "counts": mask_util.encode(
+        np.zeros((1, 1, 1), np.uint8, order="F"))[0]["counts"].decode()}]
+    assert encode_masks(torch.zeros(0, h, w, device=device)) == []
