@@ -8,7 +8,18 @@ import threading
 import torch
 import torch.distributed as dist
 
-__all__ = ["StopRequest", "TrainingInterrupted"]
+__all__ = ["StopRequest", "TrainingInterrupted", "ignore_sigterm_in_worker"]
+
+
+def ignore_sigterm_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM.
+
+    ``timeout``, Slurm and a terminal signal the whole process group, workers included. A worker that
+    dies of it makes the main process fail with "DataLoader worker ... is killed by signal" in the middle
+    of the very iteration :class:`StopRequest` wants to finish and checkpoint. Ignoring it leaves the
+    workers' lifetime to the main process, which shuts them down when its loaders close (and torch's
+    workers exit on their own once their parent is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TrainingInterrupted(RuntimeError):

@@ -27,7 +27,7 @@ from devis_core.distributed import (EpochSeededDataset, ShardedEpochSampler, bar
                                     get_rank, get_world_size, init_distributed, is_distributed, is_main_process,
                                     seed_everything)
 from devis_core.engine import evaluate_coco, prepare_for_amp, train_one_epoch, validation_loss
-from devis_core.interrupt import StopRequest, TrainingInterrupted
+from devis_core.interrupt import StopRequest, TrainingInterrupted, ignore_sigterm_in_worker
 from devis_core.logging_utils import build_training_log
 from devis_core.precision import configure_tf32
 
@@ -63,7 +63,8 @@ def build_train_data(cfg, rank: int, world: int):
 
         collate = functools.partial(collate_fn, pad_multiple=int(cfg.INPUT.TRAIN_PAD_MULTIPLE))
         loader = DataLoader(dataset, batch_size=batch, sampler=sampler, collate_fn=collate,
-                            num_workers=int(cfg.NUM_WORKERS), generator=gen, drop_last=False)
+                            num_workers=int(cfg.NUM_WORKERS), generator=gen, drop_last=False,
+                            worker_init_fn=ignore_sigterm_in_worker)
     return loader, sampler, dataset, num_classes
 
 
@@ -115,7 +116,7 @@ class Evaluator:
             sampler = ShardedEpochSampler(len(ds), rank, world, shuffle=False)
             self.loader = DataLoader(ds, batch_size=int(cfg.SOLVER.BATCH_SIZE), sampler=sampler,
                                      collate_fn=collate_fn, num_workers=int(cfg.NUM_WORKERS),
-                                     generator=_seeded_generator(cfg.SEED))
+                                     generator=_seeded_generator(cfg.SEED), worker_init_fn=ignore_sigterm_in_worker)
             self.coco = build_coco_evaluator(cfg, ds.ann_file)
             self.post = build_postprocessors(cfg)
 

@@ -28,13 +28,15 @@ CONFIG = "synthetic/deformable_detr_tiny.yaml"
 
 
 def _signal_training_when(common: list[str], out: Path, kind: str, epoch: int, iteration: int,
-                          sig: int) -> tuple[int, str]:
+                          sig: int, group: bool = False) -> tuple[int, str]:
     """Run the training CLI in a subprocess, send ``sig`` once metrics.jsonl has a ``kind`` record at
-    (epoch, iteration), wait for the process; returns (return code, stderr)."""
+    (epoch, iteration), wait for the process; returns (return code, stderr). ``group``: the process runs
+    in a session of its own and the signal goes to its whole process group (its DataLoader workers
+    too), as ``timeout`` and Slurm send it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "devis_core.train", "--config-file", CONFIG, *common,
                              "OUTPUT_DIR", str(out)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, start_new_session=group)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -44,13 +46,32 @@ def _signal_training_when(common: list[str], out: Path, kind: str, epoch: int, i
             time.sleep(0.01)
         assert proc.poll() is None, \
             "training ended before the test could signal it: " + proc.stderr.read().decode()[-2000:]
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     return proc.returncode, err.decode()
+
+
+def test_sigterm_to_the_process_group_stops_cleanly_with_loader_workers(tmp_path, one_thread):
+    """``timeout``, Slurm and terminals signal the whole process group: the DataLoader workers receive the
+    SIGTERM as well, and must leave the stop to the main process instead of dying under it."""
+    make_synthetic_coco(str(tmp_path / "data"), num_images=(6, 2), size=(64, 96), num_categories=3,
+                        objects=(1, 2), seed=0)
+    common = ARGS + ["DATASETS.DATA_PATH", str(tmp_path / "data"), "SOLVER.CHECKPOINT_ITERS", "0",
+                     "VISDOM_AND_LOG_INTERVAL", "1", "NUM_WORKERS", "2"]
+    out = tmp_path / "stopped"
+    code, err = _signal_training_when(common, out, "train_iter", 1, 1, signal.SIGTERM, group=True)
+    assert code == 143, err[-2000:]
+    assert "killed by signal" not in err and "stopped by SIGTERM after epoch 1, iteration" in err
+    stop = [r for r in read_json_lines(out / "metrics.jsonl") if r["kind"] == "interrupted"]
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert len(stop) == 1 and (state["epoch"], state["iteration"]) == (stop[0]["epoch"], stop[0]["iteration"])
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, one_thread):

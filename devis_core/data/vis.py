@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from ..interrupt import ignore_sigterm_in_worker
 from ..models.nested import NestedTensor, nested_tensor_from_tensor_list, pad_batch_to_multiple
 from .registry import resolve_dataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, detr_resize_size
@@ -304,7 +305,9 @@ def build_vis_loader(cfg, dataset: Dataset, train: bool, sampler: Sampler | None
     in order, :func:`collate_videos`.
     """
     workers = int(cfg.NUM_WORKERS)
-    common = {"num_workers": workers, "persistent_workers": False, "pin_memory": False}
+    # workers leave SIGTERM to the main process, which stops training cleanly on it (interrupt.py)
+    common = {"num_workers": workers, "persistent_workers": False, "pin_memory": False,
+              "worker_init_fn": ignore_sigterm_in_worker}
     if train:
         collate = functools.partial(collate_clips, pad_multiple=int(cfg.INPUT.TRAIN_PAD_MULTIPLE))
         return DataLoader(dataset, batch_size=int(cfg.SOLVER.BATCH_SIZE), shuffle=sampler is None,
