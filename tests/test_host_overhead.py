@@ -13,7 +13,7 @@ from devis_core.models.transformer import encoder_reference_points, level_layout
 
 TINY = ["MODEL.HIDDEN_DIM", "128", "MODEL.DIM_FEEDFORWARD", "64", "MODEL.TRANSFORMER.ENCODER_LAYERS", "1",
         "MODEL.TRANSFORMER.DECODER_LAYERS", "2", "MODEL.LOSS.MASK_AUX_LOSS", "[0]", "TEST.NUM_OUT", "4",
-        "MODEL.NUM_QUERIES", "6", "MODEL.DEVIS.NUM_FRAMES", "3"]
+        "MODEL.NUM_QUERIES", "6", "MODEL.DEVIS.NUM_FRAMES", "3", "TEST.CLIP_TRACKING.STRIDE", "2"]
 
 
 def test_stage_recorder_charges_ops_and_time_to_the_innermost_stage():
