@@ -500,14 +500,14 @@ def _busy_us(events) -> float:
 
 
 def profile_tables(setup: Setup, samples: NestedTensor, targets: list[dict], iters: int = 3,
-                   row_limit: int = 25) -> dict[str, str]:
+                   row_limit: int = 25) -> tuple[dict[str, str], dict[str, float]]:
     """torch.profiler over ``iters`` training iterations and ``iters`` per-clip inferences (run after
-    warm-up). Returns text tables of the top ``row_limit`` ops: 'train_device' / 'inference_device' by
-    self CUDA time (GPU only) and 'train_cpu' / 'inference_cpu' by self CPU time. Stage totals are
+    warm-up). Returns (tables, busy). tables: text tables of the top ``row_limit`` ops, 'train_device' /
+    'inference_device' by self CUDA time (GPU only) and 'train_cpu' / 'inference_cpu' by self CPU time. Stage totals are
     :func:`stage_breakdown`'s job: profiler ranges would list as ops with their whole span as self
-    device time. On a GPU also 'train_gpu_busy_ms' / 'inference_gpu_busy_ms' (floats): the summed
-    duration of the GPU activities (kernels, copies, fills) per iteration; set against the measured
-    iteration time it tells a GPU-bound iteration from one the host cannot feed fast enough."""
+    device time. busy (GPU only, else empty): 'train_gpu_busy_ms' / 'inference_gpu_busy_ms', the time per
+    iteration in which some GPU activity ran (:func:`_busy_us`); set against the measured iteration time
+    it tells a GPU-bound iteration from one the host cannot feed fast enough."""
     from torch.profiler import ProfilerActivity, profile
 
     from devis_core.inference import eval_mode
@@ -517,7 +517,7 @@ def profile_tables(setup: Setup, samples: NestedTensor, targets: list[dict], ite
     runner = AmpInference(setup.model, setup.amp)
     infer_samples = _clip_samples(samples.tensors)
     size = tuple(samples.tensors.shape[-2:])
-    out = {}
+    out, busy = {}, {}
     for kind in ("train", "inference"):
         with profile(activities=activities) as prof:
             if kind == "train":
@@ -531,10 +531,10 @@ def profile_tables(setup: Setup, samples: NestedTensor, targets: list[dict], ite
                 torch.cuda.synchronize(setup.device)
         averages = prof.key_averages()
         if cuda:
-            out[f"{kind}_gpu_busy_ms"] = _busy_us(prof.events()) / 1e3 / iters
+            busy[f"{kind}_gpu_busy_ms"] = _busy_us(prof.events()) / 1e3 / iters
             out[f"{kind}_device"] = averages.table(sort_by="self_device_time_total", row_limit=row_limit)
         out[f"{kind}_cpu"] = averages.table(sort_by="self_cpu_time_total", row_limit=row_limit)
-    return out
+    return out, busy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,12 +622,8 @@ def run_benchmark(config_file: str = DEFAULT_CONFIG, overrides: Sequence[str] = 
                 row.update(time_pipeline(setup, video, orig, pipeline_videos, warmup=1))
                 row["breakdown"] = stage_breakdown(setup, samples, targets, breakdown_iters)
                 if profile:
-                    tables = profile_tables(setup, samples, targets, profile_iters)
-                    for kind in ("train", "inference"):
-                        busy = tables.pop(f"{kind}_gpu_busy_ms", None)
-                        if busy is not None:
-                            row[f"{kind}_gpu_busy_ms"] = busy
-                    row["profile"] = tables
+                    row["profile"], busy = profile_tables(setup, samples, targets, profile_iters)
+                    row.update(busy)
                 rows.append(row)
                 if verbose:
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
