@@ -296,7 +296,8 @@ class MSDeformAttnFunction(torch.autograd.Function):
         ext = load_extension()
         value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames = ctx.saved_tensors
         grad_out = _aligned(grad_out.to(value.dtype))
-        # float32 accumulation for every dtype: half/bf16 atomics would lose the many small terms
+        # float32 accumulation for every dtype: a cell's sums from several chunks meet in this buffer, and an
+        # encoder pixel gathers hundreds of terms, too many to add in half/bf16
         grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
         g_loc_c, g_attn_c = _alloc(loc_c.shape, loc_c), _alloc(attn_c.shape, attn_c)
         g_loc_t, g_attn_t = _alloc(loc_t.shape, loc_t), _alloc(attn_t.shape, attn_t)

@@ -5,11 +5,11 @@ separate processes), then times the raw forward and backward kernels (no Python 
 events, median) at the DeVIS encoder shape 360x640 T=6 (float32, bfloat16) and the decoder
 N_q=30 (float32), and checks that every variant computes what the first one computes.
 
-    python ops/tune_launch.py --variants base,fwd4,bwd2 --out tune.json
+    python ops/tune_launch.py --variants base,chunk32 --baseline old_temporal_msda.cu --out tune.json
 
-A variant is a name from VARIANTS. "noatomic" drops the value-gradient atomics, "skipl3" / "skipl23"
-those of the coarsest one / two levels (diagnostics of how much of the backward they cost; their value
-gradient is wrong by design and not compared).
+A variant is a name from VARIANTS; --baseline adds the variant "baseline", built from another copy of
+the source (an earlier kernel with the same bindings, e.g. from `git show REV:ops/src/temporal_msda.cu`),
+so a change is timed against its predecessor in one run.
 """
 from __future__ import annotations
 
@@ -33,12 +33,6 @@ from devis_core.benchmarks.attention import DEVIS_CASES, _time, make_inputs  # n
 _ONLY_D32 = [("case 16: f(tag, std::integral_constant<int, 16>{}); break;", ""),
              ("case 64: f(tag, std::integral_constant<int, 64>{}); break;", ""),
              ("case at::kHalf: by_dim(at::Half{}); break;", "")]
-_LEVEL_OF = """__device__ __forceinline__ int level_of(int s, int nc, const Shape& sh) {
-  return s < nc ? s / sh.Pc : ((s - nc) % (sh.L * sh.Pt)) / sh.Pt;
-}
-"""
-# the level of the sample whose corners an atomic adds (the paired 16-bit path adds its partner group's too)
-_SAMPLE_LEVEL = "level_of(base + (k0 + b) * NG + (kPaired ? (grp & ~1) + u : grp), nc, sh)"
 VARIANTS = {
     "base": {},
     "noswizzle": {"DEVIS_TILE_SWIZZLE": 0},
@@ -46,12 +40,9 @@ VARIANTS = {
     "fwd3": {"DEVIS_FWD_MIN_BLOCKS": 3},
     "bwd3": {"DEVIS_BWD_MIN_BLOCKS": 3},
     "batch4": {"DEVIS_FWD_BATCH": 4, "DEVIS_BWD_BATCH": 4},
-    "noatomic": {"_patch": [("atomic_add4(gdst", "if (sh.T < 0) atomic_add4(gdst")], "_diagnostic": True},
-    # value-gradient atomics of the coarsest level(s) dropped: what privatising them could save at most
-    "skipl3": {"_patch": [("if (umask >> i & 1)", f"if ((umask >> i & 1) && {_SAMPLE_LEVEL} < 3)"),
-                          ("// ---- backward ----", _LEVEL_OF + "// ---- backward ----")], "_diagnostic": True},
-    "skipl23": {"_patch": [("if (umask >> i & 1)", f"if ((umask >> i & 1) && {_SAMPLE_LEVEL} < 2)"),
-                           ("// ---- backward ----", _LEVEL_OF + "// ---- backward ----")], "_diagnostic": True},
+    "chunk32": {"DEVIS_BIN_CHUNK": 32},
+    "chunk128": {"DEVIS_BIN_CHUNK": 128},
+    "vg8x2": {"DEVIS_BIN_BATCH": 8, "DEVIS_BIN_MIN_BLOCKS": 2},
 }
 CASES = [("encoder 360x640", torch.float32), ("encoder 360x640", torch.bfloat16), ("decoder N_q=30", torch.float32)]
 
@@ -62,7 +53,7 @@ def _build(name: str, macros: dict, workdir: str) -> str:
     cuda_home = ops_build.find_cuda_home()
     os.environ["CUDA_HOME"] = cuda_home
     cpp_ext.CUDA_HOME = cuda_home
-    src = ops_build.SOURCE.read_text()
+    src = Path(macros.get("_source", ops_build.SOURCE)).read_text()
     for old, new in _ONLY_D32 + macros.get("_patch", []):
         if old not in src:
             raise RuntimeError(f"variant {name}: patch target {old!r} not in {ops_build.SOURCE}")
@@ -117,12 +108,18 @@ def measure(ext, inp: dict) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--baseline", type=Path, help="another temporal_msda.cu, timed as variant 'baseline'")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     names = [n for n in a.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    if a.baseline:
+        if not a.baseline.is_file():
+            raise SystemExit(f"--baseline: {a.baseline} is not a file")
+        VARIANTS["baseline"] = {"_source": str(a.baseline.resolve())}
+        names.append("baseline")
     workdir = tempfile.mkdtemp(prefix="devis_tune_")
     with ProcessPoolExecutor(max_workers=len(names)) as pool:
         futs = {n: pool.submit(_build, n, VARIANTS[n], workdir) for n in names}
@@ -140,8 +137,6 @@ def main(argv=None) -> None:
             errs = []
             if key in first:
                 for i, (x, y) in enumerate(zip(r["outs"], first[key])):
-                    if VARIANTS[n].get("_diagnostic") and i == 1:
-                        continue
                     errs.append(((x - y).norm() / y.norm().clamp_min(1e-30)).item())
             else:
                 first[key] = r["outs"]

@@ -137,3 +137,44 @@ def test_cuda_backend_rejects_unsupported_head_dim(ext):
     with pytest.warns(RuntimeWarning, match="head dim D=8"):
         out = ms_deform_attn(tensors[0], shapes, starts, *tensors[1:], frames, backend="auto")
     torch.testing.assert_close(out, ms_deform_attn_reference(tensors[0], shapes, starts, *tensors[1:], frames))
+
+
+def _value_grad_error(tensors, shapes, starts, frames, dtype):
+    """Relative error of the kernel's value gradient against the float64 reference."""
+    kin = [x.detach().clone().requires_grad_(i == 0) for i, x in enumerate(tensors)]
+    out = ms_deform_attn(kin[0], shapes, starts, *kin[1:], frames, backend="cuda")
+    grad = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(5)).to(dtype)
+    (kg,) = torch.autograd.grad(out, [kin[0]], grad)
+    rin = [x.detach().double().requires_grad_(i == 0) for i, x in enumerate(tensors)]
+    ref = ms_deform_attn_reference(rin[0], shapes, starts, *rin[1:], frames)
+    (rg,) = torch.autograd.grad(ref, [rin[0]], grad.double())
+    return _rel(kg, rg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_value_gradient_when_samples_crowd_into_few_cells(ext, dtype):
+    # The backward sorts samples by the cell they read and sums each cell in chunks of sorted
+    # entries. Here every sample of a (frame, level) reads the same point, so one cell holds
+    # thousands of entries spread over many chunks, and a few samples sit at the map's edges
+    # (cells with corners off the map).
+    T, Q, M, D, shapes_l, Pc, Pt = 3, 300, 2, 32, [(9, 14), (5, 7)], 4, 4
+    tensors, shapes, starts, frames = _inputs(T=T, Q=Q, M=M, D=D, shapes=shapes_l, Pc=Pc, Pt=Pt, seed=31)
+    value, loc_c, a_c, loc_t, a_t = [x.float() for x in tensors]
+    loc_c = torch.full_like(loc_c, 0.37)
+    loc_t = torch.full_like(loc_t, 0.61)
+    loc_c[:, :5, :, :, 0] = torch.tensor([0.0, 1.0], device="cuda")     # corners half off the map
+    loc_t[:, 5:9, :, :, :, 1] = torch.tensor([1.02, -0.03], device="cuda")
+    err = _value_grad_error([x.to(dtype) for x in (value, loc_c, a_c, loc_t, a_t)], shapes, starts, frames, dtype)
+    assert err < BOUNDS[dtype][0], f"value gradient relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_value_gradient_at_encoder_geometry(ext, dtype):
+    # DeVIS encoder geometry (benchmark inputs: every token samples around its own position in
+    # every frame), where the cells of neighbouring queries overlap.
+    from devis_core.benchmarks.attention import Case, make_inputs
+    case = Case("small encoder", "encoder", 96, 160, frames=4, heads=4, head_dim=32)
+    inp = make_inputs(case, dtype, "cuda", seed=3)
+    tensors = [inp[k] for k in ("value", "loc_current", "attn_current", "loc_temporal", "attn_temporal")]
+    err = _value_grad_error(tensors, inp["spatial_shapes"], inp["level_start_index"], inp["temporal_frames"], dtype)
+    assert err < BOUNDS[dtype][0], f"value gradient relative error {err:.2e}"

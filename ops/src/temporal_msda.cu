@@ -9,11 +9,18 @@
 // float32, 8 for float16/bfloat16), so G = D/C lanes cover one head and a warp treats NG = 32/G
 // samples at once; lanes first compute the footprints of 32 samples (one each) and hand them to
 // the sample groups by shuffle. Accumulation is always float32.
-// Backward: value gradients by 16-byte vector atomics into a float32 buffer, every instruction of a
-// lane group (a pair of groups for the 16-bit types) covering a head's whole row of D channels; the
-// location and weight gradients of the G samples a group handled are summed over its G lanes by a
-// transposed (recursive-halving) reduction, which leaves lane j of the group with sample j's sums:
-// 3(G-1) shuffles per G samples instead of 3 log2(G) per sample, and the stores stay coalesced.
+// Backward, location and weight gradients: the G samples a lane group handled are summed over its G
+// lanes by a transposed (recursive-halving) reduction, which leaves lane j of the group with sample
+// j's sums: 3(G-1) shuffles per G samples instead of 3 log2(G) per sample, and the stores stay
+// coalesced.
+// Backward, value gradient: a counting sort instead of one atomic row per corner. Adding every
+// corner's weighted grad_output row straight into the float32 buffer moved about 89 M rows (11.4 GB)
+// through the L2's atomic units at the DeVIS encoder shape and set the backward's time
+// (ops/README.md). Instead the samples are binned by the cell they read (target frame, head, level,
+// top-left corner (x0, y0) with x0 in [-1, W_l), y0 in [-1, H_l)): one pass counts the samples per
+// cell, a scan gives each cell its range, the main backward kernel writes each sample's (grad_output
+// row, weight, fractional position) into its cell's range, and a last kernel walks the sorted list in
+// fixed chunks, sums a cell's four corner rows in registers and adds them once per cell and chunk.
 //
 // Kept in one translation unit (bindings included) so the JIT build compiles a single file.
 
@@ -23,7 +30,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <algorithm>
 #include <numeric>
+#include <type_traits>
 
 // Launch tuning (swept with ops/tune_launch.py on an H100, results in ops/README.md): warps per
 // block, the minimum resident blocks per SM given to __launch_bounds__ (it caps the registers:
@@ -47,6 +56,18 @@
 #ifndef DEVIS_BWD_BATCH
 #define DEVIS_BWD_BATCH 2
 #endif
+// sorted entries one lane group of the value-gradient kernel sums (then it adds its partial cells)
+#ifndef DEVIS_BIN_CHUNK
+#define DEVIS_BIN_CHUNK 64
+#endif
+// entries whose grad_output rows a lane group of the value-gradient kernel loads at once, and that
+// kernel's minimum resident blocks per SM
+#ifndef DEVIS_BIN_BATCH
+#define DEVIS_BIN_BATCH 4
+#endif
+#ifndef DEVIS_BIN_MIN_BLOCKS
+#define DEVIS_BIN_MIN_BLOCKS 4
+#endif
 
 namespace {
 
@@ -54,6 +75,8 @@ constexpr int kMaxLevels = 32;   // W*L pseudo-levels of the official call patte
 constexpr int kWarpsPerBlock = DEVIS_WARPS_PER_BLOCK;
 constexpr int kThreads = 32 * kWarpsPerBlock;
 constexpr unsigned kFull = 0xffffffffu;
+constexpr int kBinChunk = DEVIS_BIN_CHUNK;
+constexpr int kBinBatch = DEVIS_BIN_BATCH;
 
 // ---- one 16-byte vector of a dtype <-> C floats ----------------------------------------------------
 
@@ -116,6 +139,18 @@ template <typename T> __device__ __forceinline__ uint4 load16(const T* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// 4 consecutive channels as floats (16 bytes of float32, 8 of a 16-bit type)
+__device__ __forceinline__ void load4(const float* p, float (&g)[4]) {
+  const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+  g[0] = __uint_as_float(r.x); g[1] = __uint_as_float(r.y); g[2] = __uint_as_float(r.z); g[3] = __uint_as_float(r.w);
+}
+template <typename T> __device__ __forceinline__ void load4(const T* p, float (&g)[4]) {
+  using H2 = std::conditional_t<std::is_same_v<T, at::Half>, __half2, __nv_bfloat162>;
+  const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
+  const float2 a = Pair<H2>::get(r.x), b = Pair<H2>::get(r.y);
+  g[0] = a.x; g[1] = a.y; g[2] = b.x; g[3] = b.y;
+}
+
 template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
 template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
 
@@ -130,19 +165,69 @@ __device__ __forceinline__ void atomic_add4(float* p, float a, float b, float c,
 struct Shape {
   int T, Q, S, M, L, Pc, W, Pt;
   int tile_step;   // query tiles are visited in the order k * tile_step mod (number of tiles)
+  int num_bins;    // value-gradient cells allocated: T * M * (2 S + 2 L) >= T * M * sum (H_l+1)(W_l+1)
 };
 
+// Level sizes and starts; cell_start[l]: first value-gradient cell of level l within a (frame, head),
+// whose level l owns (H_l + 1) * (W_l + 1) cells (top-left corners -1 .. W_l - 1 by -1 .. H_l - 1);
+// cells: the cells of one (frame, head).
 struct LevelTable {
-  int h[kMaxLevels], w[kMaxLevels], start[kMaxLevels];
+  int h[kMaxLevels], w[kMaxLevels], start[kMaxLevels], cell_start[kMaxLevels];
+  int cells;
 };
 
+// Callers __syncthreads() after it.
 __device__ __forceinline__ void load_levels(LevelTable& tab, const int64_t* shapes,
                                             const int64_t* starts, int L) {
-  for (int i = threadIdx.x; i < L; i += blockDim.x) {
-    tab.h[i] = static_cast<int>(shapes[2 * i]);
-    tab.w[i] = static_cast<int>(shapes[2 * i + 1]);
-    tab.start[i] = static_cast<int>(starts[i]);
+  if (threadIdx.x == 0) {
+    int c = 0;
+    for (int i = 0; i < L; ++i) {
+      tab.h[i] = static_cast<int>(shapes[2 * i]);
+      tab.w[i] = static_cast<int>(shapes[2 * i + 1]);
+      tab.start[i] = static_cast<int>(starts[i]);
+      tab.cell_start[i] = c;
+      c += (tab.h[i] + 1) * (tab.w[i] + 1);
+    }
+    tab.cells = c;
   }
+}
+
+// Frame, level, normalised (x, y) and weight of sample `s` of a (t, q, m) row: current samples
+// first, then temporal ones slot-major (the weight only when kWeight). Returns false past the end.
+template <bool kWeight, typename scalar_t>
+__device__ __forceinline__ bool sample_at(int s, int nc, int ns, int t, const Shape& sh, const scalar_t* lc,
+                                          const scalar_t* ac, const scalar_t* lt, const scalar_t* at,
+                                          const int64_t* frames, int& f, int& l, float& x, float& y, float& a) {
+  if (s < nc) {
+    x = to_f(lc[2 * s]); y = to_f(lc[2 * s + 1]); if constexpr (kWeight) a = to_f(ac[s]);
+    f = t; l = s / sh.Pc;
+    return true;
+  }
+  if (s >= ns) return false;
+  const int j = s - nc;
+  const int per_slot = sh.L * sh.Pt;
+  const int w = j / per_slot;
+  l = (j - w * per_slot) / sh.Pt;
+  x = to_f(lt[2 * j]); y = to_f(lt[2 * j + 1]); if constexpr (kWeight) a = to_f(at[j]);
+  f = static_cast<int>(frames[static_cast<int64_t>(t) * sh.W + w]);
+  return true;
+}
+
+// Pixel position of (x, y) on a level of h x w: top-left corner and fractional part. False when no
+// corner is on the map (the sample reads only padding, spec §2).
+__device__ __forceinline__ bool corner_of(float x, float y, int h, int w, int& x0, int& y0, float& lx, float& ly) {
+  const float px = x * w - 0.5f, py = y * h - 0.5f;
+  if (!(px > -1.f && py > -1.f && px < w && py < h)) return false;
+  x0 = static_cast<int>(floorf(px)); y0 = static_cast<int>(floorf(py));
+  lx = px - x0; ly = py - y0;
+  return true;
+}
+
+// Value-gradient cell of a sample of head m that reads frame f, level l at top-left corner (x0, y0);
+// -1 past the allocation (unreachable when S = sum H_l W_l, which ms_deform_attn checks).
+__device__ __forceinline__ int cell_of(const LevelTable& tab, const Shape& sh, int f, int m, int l, int x0, int y0) {
+  const int c = (f * sh.M + m) * tab.cells + tab.cell_start[l] + (y0 + 1) * (tab.w[l] + 1) + (x0 + 1);
+  return c < sh.num_bins ? c : -1;
 }
 
 // Footprint of one sample, computed once by the lane that owns the sample and then handed to the
@@ -154,37 +239,24 @@ struct Packed {
   float lx, ly, a;
 };
 
-// Sample `s` of a (t, q, m) row: current samples first, then temporal ones slot-major. Also returns
-// the level size (for the location gradient). Samples past the end or off the map get mask 0.
+// Sample `s` of a (t, q, m) row (order of sample_at). Also returns the level size (for the location
+// gradient) and the sample's value-gradient cell (-1 when it reads only padding or is past the end).
+// Samples past the end or off the map get mask 0.
 template <typename scalar_t>
-__device__ __forceinline__ Packed prepare(int s, int nc, int ns, int t, const Shape& sh,
+__device__ __forceinline__ Packed prepare(int s, int nc, int ns, int t, int m, const Shape& sh,
                                           const scalar_t* lc, const scalar_t* ac, const scalar_t* lt,
                                           const scalar_t* at, const int64_t* frames,
-                                          const LevelTable& tab, int MD, float& wl, float& hl) {
+                                          const LevelTable& tab, int MD, float& wl, float& hl, int& cell) {
   Packed p{0, 0, 0.f, 0.f, 0.f};
-  wl = 0.f; hl = 0.f;
+  wl = 0.f; hl = 0.f; cell = -1;
   float x, y;
   int f, l;
-  if (s < nc) {
-    x = to_f(lc[2 * s]); y = to_f(lc[2 * s + 1]); p.a = to_f(ac[s]);
-    f = t; l = s / sh.Pc;
-  } else if (s < ns) {
-    const int j = s - nc;
-    const int per_slot = sh.L * sh.Pt;
-    const int w = j / per_slot;
-    l = (j - w * per_slot) / sh.Pt;
-    x = to_f(lt[2 * j]); y = to_f(lt[2 * j + 1]); p.a = to_f(at[j]);
-    f = static_cast<int>(frames[static_cast<int64_t>(t) * sh.W + w]);
-  } else {
-    return p;
-  }
+  if (!sample_at<true>(s, nc, ns, t, sh, lc, ac, lt, at, frames, f, l, x, y, p.a)) return p;
   const int h = tab.h[l], w = tab.w[l];
   wl = static_cast<float>(w); hl = static_cast<float>(h);
-  const float px = x * w - 0.5f, py = y * h - 0.5f;
-  // a sample with no corner on the map reads only padding (spec §2)
-  if (!(px > -1.f && py > -1.f && px < w && py < h)) return p;
-  const int x0 = static_cast<int>(floorf(px)), y0 = static_cast<int>(floorf(py));
-  p.lx = px - x0; p.ly = py - y0;
+  int x0, y0;
+  if (!corner_of(x, y, h, w, x0, y0, p.lx, p.ly)) return p;
+  cell = cell_of(tab, sh, f, m, l, x0, y0);
   const bool cx0 = x0 >= 0, cx1 = x0 + 1 < w, cy0 = y0 >= 0, cy1 = y0 + 1 < h;
   const int mask = (cy0 && cx0) | (cy0 && cx1) << 1 | (cy1 && cx0) << 2 | (cy1 && cx1) << 3;
   p.o00 = ((f * sh.S + tab.start[l]) + y0 * w + x0) * MD;
@@ -280,7 +352,8 @@ temporal_msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* 
   for (int j = 0; j < C; ++j) acc[j] = 0.f;
   for (int base = 0; base < ns; base += 32) {
     float wl, hl;
-    const Packed mine = prepare(base + lane, nc, ns, t, sh, lc, ac, lt, at, frames, tab, MD, wl, hl);
+    int cell;
+    const Packed mine = prepare(base + lane, nc, ns, t, m, sh, lc, ac, lt, at, frames, tab, MD, wl, hl, cell);
 #pragma unroll
     for (int k0 = 0; k0 < G; k0 += B) {
       Corners c[B];
@@ -335,7 +408,8 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
                               const int64_t* __restrict__ starts, const scalar_t* __restrict__ loc_c,
                               const scalar_t* __restrict__ attn_c, const scalar_t* __restrict__ loc_t,
                               const scalar_t* __restrict__ attn_t, const int64_t* __restrict__ frames,
-                              const scalar_t* __restrict__ grad_out, float* __restrict__ grad_value,
+                              const scalar_t* __restrict__ grad_out, int* __restrict__ cell_cursor,
+                              float4* __restrict__ entries,
                               scalar_t* __restrict__ grad_loc_c, scalar_t* __restrict__ grad_attn_c,
                               scalar_t* __restrict__ grad_loc_t, scalar_t* __restrict__ grad_attn_t,
                               Shape sh) {
@@ -361,34 +435,24 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
   const scalar_t* vhead = value + m * D + chan;
   float go[C];
   V::unpack(load16(grad_out + row * D + chan), go);
-  // The atomics use another channel split than the loads, so that every atomic instruction of a
-  // lane group covers one contiguous 128-byte-aligned run: a lane adds 4 channels (one 16-byte float32
-  // vector), at slot jj of the row. float32 (C = 4): a group's G lanes span the whole row. 16-bit types
-  // (C = 8): the G lanes of a group would span half a row per instruction, touching twice the lines for
-  // the same bytes (measured slower, ops/README.md), so two neighbouring groups pair up: in step u the
-  // pair adds the corners of the sample of its group u, each lane taking 4 channels of the full row.
-  constexpr bool kPaired = C == 8;
-  static_assert(C == 4 || C == 8, "a lane holds 4 (float32) or 8 (16-bit) channels");
-  const int jj = kPaired ? (grp & 1) * G + lane % G : lane % G;
-  float* gdst = grad_value + m * D + 4 * jj;
-  float gq[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) gq[e] = to_f(grad_out[row * D + 4 * jj + e]);
 
   for (int base = 0; base < ns; base += 32) {
     float wl, hl;
-    const Packed mine = prepare(base + lane, nc, ns, t, sh, lc, ac, lt, at, frames, tab, MD, wl, hl);
+    int cell;
+    const Packed mine = prepare(base + lane, nc, ns, t, m, sh, lc, ac, lt, at, frames, tab, MD, wl, hl, cell);
+    // value gradient: the owner lane files its sample under its cell (see the head of the file)
+    if (cell >= 0) {
+      const int slot = atomicAdd(cell_cursor + cell, 1);
+      entries[slot] = make_float4(__int_as_float(static_cast<int>(row)), mine.a, mine.lx, mine.ly);
+    }
     float r[G][3];   // per sample handled: partial d/dpx, d/dpy (unscaled), d/da over this lane's channels
 #pragma unroll
     for (int k0 = 0; k0 < G; k0 += B) {
       Corners c[B];
       uint4 v[B][4];
-      float a[B];
 #pragma unroll
       for (int b = 0; b < B; ++b) {
-        const int src = (k0 + b) * NG + grp;
-        c[b] = receive(mine, src, MD, false);
-        a[b] = __shfl_sync(kFull, mine.a, src);
+        c[b] = receive(mine, (k0 + b) * NG + grp, MD, false);   // bilinear weights only: d/da
         load_corners(vhead, c[b], v[b]);
       }
 #pragma unroll
@@ -407,28 +471,6 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
         r[k0 + b][0] = hy * (d[1] - d[0]) + c[b].ly * (d[3] - d[2]);
         r[k0 + b][1] = hx * (d[2] - d[0]) + c[b].lx * (d[3] - d[1]);
         r[k0 + b][2] = c[b].wt[0] * d[0] + c[b].wt[1] * d[1] + c[b].wt[2] * d[2] + c[b].wt[3] * d[3];
-        // value gradient: a corner of weight wc receives wc * grad_out of this row
-        const int o = c[b].off[0], step = c[b].off[2] - c[b].off[0];
-        int po = o, pstep = step, pmask = c[b].mask;
-        float pa = a[b], plx = c[b].lx, ply = c[b].ly;
-        if constexpr (kPaired) {
-          po = __shfl_xor_sync(kFull, o, G); pstep = __shfl_xor_sync(kFull, step, G);
-          pmask = __shfl_xor_sync(kFull, c[b].mask, G); pa = __shfl_xor_sync(kFull, a[b], G);
-          plx = __shfl_xor_sync(kFull, c[b].lx, G); ply = __shfl_xor_sync(kFull, c[b].ly, G);
-        }
-#pragma unroll
-        for (int u = 0; u < (kPaired ? 2 : 1); ++u) {
-          const bool own = !kPaired || (grp & 1) == u;
-          const int uo = own ? o : po, ustep = own ? step : pstep, umask = own ? c[b].mask : pmask;
-          const float ua = own ? a[b] : pa, ulx = own ? c[b].lx : plx, uly = own ? c[b].ly : ply;
-          const float uhx = 1.f - ulx, uhy = 1.f - uly;
-          const float wc[4] = {ua * uhy * uhx, ua * uhy * ulx, ua * uly * uhx, ua * uly * ulx};
-          const int off[4] = {uo, uo + MD, uo + ustep, uo + ustep + MD};
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            if (umask >> i & 1)
-              atomic_add4(gdst + off[i], wc[i] * gq[0], wc[i] * gq[1], wc[i] * gq[2], wc[i] * gq[3]);
-        }
       }
     }
     transpose_reduce<G / 2, G>(r, lane);
@@ -451,6 +493,145 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
   }
 }
 
+// ---- value gradient by cells -------------------------------------------------------------------------
+
+// Samples per value-gradient cell (the same cell_of as the backward kernel, so the counts match the
+// entries it files). A block counts the samples of one tile of kWarpsPerBlock queries (all heads),
+// a thread per sample; tiles are visited swizzled (Shape::tile_step) so that the blocks resident at
+// one time read all over the maps: in row order they all added to the same few coarse cells, whose
+// atomics serialise (a level-3 cell of the encoder receives about 1,500 samples).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+cell_count_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                  const scalar_t* __restrict__ loc_c, const scalar_t* __restrict__ loc_t,
+                  const int64_t* __restrict__ frames, int* __restrict__ counts, Shape sh) {
+  __shared__ LevelTable tab;
+  load_levels(tab, shapes, starts, sh.L);
+  __syncthreads();
+  const int nc = sh.L * sh.Pc, nt = sh.W * sh.L * sh.Pt, ns = nc + nt;
+  const int q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int n_tiles = sh.T * q_tiles;
+  const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) * sh.tile_step % n_tiles);
+  const int t = tile / q_tiles, q0 = (tile - t * q_tiles) * kWarpsPerBlock;
+  const int rows = min(kWarpsPerBlock, sh.Q - q0) * sh.M;
+  const int64_t row0 = (static_cast<int64_t>(t) * sh.Q + q0) * sh.M;
+  for (int i = threadIdx.x; i < rows * ns; i += blockDim.x) {
+    const int r = i / ns, s = i - r * ns;
+    const int64_t row = row0 + r;
+    const int m = static_cast<int>(row % sh.M);
+    int f, l, x0, y0;
+    float x, y, a = 0.f, lx, ly;
+    sample_at<false, scalar_t>(s, nc, ns, t, sh, loc_c + row * nc * 2, nullptr,
+                               nt ? loc_t + row * nt * 2 : nullptr, nullptr, frames, f, l, x, y, a);
+    if (!corner_of(x, y, tab.h[l], tab.w[l], x0, y0, lx, ly)) continue;
+    const int cell = cell_of(tab, sh, f, m, l, x0, y0);
+    if (cell >= 0) atomicAdd(counts + cell, 1);
+  }
+}
+
+// The cell in [lo, hi] whose entries hold entry i: the first with cell_end > i. Tries the next
+// cells first (the usual case in dense maps), then bisects: sparse inputs (the decoder's few queries)
+// leave long runs of empty cells that a plain walk would step through one load at a time.
+__device__ __forceinline__ int cell_holding(const int* __restrict__ cell_end, int i, int lo, int hi) {
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (lo >= hi || cell_end[lo] > i) return lo;
+    ++lo;
+  }
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (cell_end[mid] > i) hi = mid; else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Adds a cell's four corner sums (this lane's 4 channels) to the float32 value gradient and clears them.
+__device__ __forceinline__ void add_cell(const LevelTable& tab, const Shape& sh, int cell, int D, int chan,
+                                         float (&acc)[4][4], float* __restrict__ grad_value) {
+  const int fm = cell / tab.cells, r = cell - fm * tab.cells;
+  const int f = fm / sh.M, m = fm - f * sh.M;
+  int l = 0;
+  while (l + 1 < sh.L && tab.cell_start[l + 1] <= r) ++l;
+  const int h = tab.h[l], w = tab.w[l], k = r - tab.cell_start[l];
+  const int y0 = k / (w + 1) - 1, x0 = k % (w + 1) - 1;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int x = x0 + (c & 1), y = y0 + (c >> 1);
+    if (x >= 0 && x < w && y >= 0 && y < h) {
+      const int64_t pix = static_cast<int64_t>(f) * sh.S + tab.start[l] + y * w + x;
+      atomic_add4(grad_value + (pix * sh.M + m) * D + chan, acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[c][j] = 0.f;
+  }
+}
+
+// Value gradient from the sorted entries. A lane group of G = D/4 lanes (4 channels each) takes the
+// kBinChunk entries [i0, i1) and sums corner rows in registers until the cell changes (cell_end, the inclusive prefix sums of the
+// counts, says where: see cell_holding). Its lanes load
+// NB entries at once (one each, coalesced) and pass them round by shuffle, so NB grad_output rows are
+// in flight together; the next NB entries load while these are summed. Every lane runs the same
+// number of steps (entries past the end are masked), which keeps the full-warp shuffles legal.
+template <typename scalar_t, int D>
+__global__ void __launch_bounds__(kThreads, DEVIS_BIN_MIN_BLOCKS)
+value_grad_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                  const float4* __restrict__ entries, const int* __restrict__ cell_end, const scalar_t* __restrict__ grad_out,
+                  float* __restrict__ grad_value, Shape sh) {
+  constexpr int G = D / 4;
+  constexpr int NB = G < kBinBatch ? G : kBinBatch;
+  static_assert(kBinChunk % NB == 0, "DEVIS_BIN_CHUNK must be a multiple of DEVIS_BIN_BATCH");
+  __shared__ LevelTable tab;
+  load_levels(tab, shapes, starts, sh.L);
+  __syncthreads();
+  const int lane = threadIdx.x & 31, j = lane % G, chan = j * 4;
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
+  const int64_t total = cell_end[sh.num_bins - 1];
+  const int64_t warp_first = (group - lane / G) * kBinChunk;
+  if (warp_first >= total) return;                     // whole warps only
+  const int64_t first = group * kBinChunk;
+  const int i0 = static_cast<int>(first < total ? first : total);
+  const int i1 = static_cast<int>(i0 + kBinChunk < total ? i0 + kBinChunk : total);
+  float acc[4][4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc[c][k] = 0.f;
+  int cell = i0 < i1 ? cell_holding(cell_end, i0, 0, sh.num_bins - 1) : 0;
+  int end = cell_end[cell];
+  float4 e = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (j < NB && i0 + j < i1) e = entries[i0 + j];
+  for (int i = i0; i < i0 + kBinChunk; i += NB) {
+    float4 en = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (j < NB && i + NB + j < i1) en = entries[i + NB + j];
+    float g[NB][4];
+#pragma unroll
+    for (int k = 0; k < NB; ++k) {
+      const int row = __float_as_int(__shfl_sync(kFull, e.x, k, G));
+      if (i + k < i1) load4(grad_out + static_cast<int64_t>(row) * D + chan, g[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < NB; ++k) {
+      const float a = __shfl_sync(kFull, e.y, k, G), lx = __shfl_sync(kFull, e.z, k, G);
+      const float ly = __shfl_sync(kFull, e.w, k, G);
+      if (i + k < i1) {
+        if (i + k >= end) {
+          add_cell(tab, sh, cell, D, chan, acc, grad_value);
+          cell = cell_holding(cell_end, i + k, cell + 1, sh.num_bins - 1);
+          end = cell_end[cell];
+        }
+        const float hx = 1.f - lx, hy = 1.f - ly;
+        const float wc[4] = {a * hy * hx, a * hy * lx, a * ly * hx, a * ly * lx};
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[c][q] = fmaf(wc[c], g[k][q], acc[c][q]);
+      }
+    }
+    e = en;
+  }
+  if (i0 < i1) add_cell(tab, sh, cell, D, chan, acc, grad_value);
+}
+
 // ---- host side ------------------------------------------------------------------------------------
 
 void check_tensor(const at::Tensor& x, const char* name, const at::Tensor& like) {
@@ -471,17 +652,19 @@ int tile_step(int n, bool swizzle) {
 }
 
 // Whether a launch visits its query tiles swizzled (DEVIS_TILE_SWIZZLE: 0 never, 2 always, 1 the
-// measured policy). On an H100 (ops/README.md) the float32 backward ran about 0.3 ms faster in row
-// order at the encoder shape, while the 16-bit backward and the forwards were as fast or faster swizzled.
+// measured policy). On an H100 (ops/README.md) the backwards ran faster in row order at the encoder
+// shape (float32 2.39 against 2.63 ms, bfloat16 2.22 against 2.33 ms with the sorted value gradient),
+// while the forwards were as fast or faster swizzled.
 bool swizzle_tiles(bool backward, at::ScalarType st) {
+  (void)st;
 #if DEVIS_TILE_SWIZZLE == 0
-  (void)backward; (void)st;
+  (void)backward;
   return false;
 #elif DEVIS_TILE_SWIZZLE == 2
-  (void)backward; (void)st;
+  (void)backward;
   return true;
 #else
-  return !(backward && st == at::kFloat);
+  return !backward;
 #endif
 }
 
@@ -495,6 +678,7 @@ Shape shape_of(const at::Tensor& value, const at::Tensor& shapes, const at::Tens
   sh.W = loc_t.numel() ? loc_t.size(3) : 0;
   sh.Pt = loc_t.numel() ? loc_t.size(5) : 0;
   sh.tile_step = 1;   // set per launch (swizzle_tiles)
+  sh.num_bins = 0;    // set by the backward
   TORCH_CHECK(shapes.size(0) == sh.L, "temporal_msda: spatial_shapes has ", shapes.size(0),
               " levels, loc_current has ", sh.L);
   TORCH_CHECK(sh.L <= kMaxLevels, "temporal_msda: at most ", kMaxLevels, " levels, got ", sh.L);
@@ -575,22 +759,48 @@ void backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tenso
   }
   const int64_t rows = static_cast<int64_t>(sh.T) * sh.Q * sh.M;
   if (rows == 0) return;
+  const int64_t samples = rows * (sh.L * sh.Pc + sh.W * sh.L * sh.Pt);
+  // (H_l + 1)(W_l + 1) <= 2 H_l W_l + 2, so 2 S + 2 L cells per (frame, head) hold every level's
+  const int64_t cells = static_cast<int64_t>(sh.T) * sh.M * (2 * static_cast<int64_t>(sh.S) + 2 * sh.L);
+  TORCH_CHECK(samples < (int64_t{1} << 31) && cells < (int64_t{1} << 31), "temporal_msda: ", samples,
+              " samples and ", cells, " value-gradient cells; the backward indexes at most 2^31 - 1 of each");
+  sh.num_bins = static_cast<int>(cells);
   const c10::cuda::CUDAGuard guard(value.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
   sh.tile_step = tile_step(static_cast<int>(q_tiles), swizzle_tiles(true, value.scalar_type()));
   const dim3 grid(static_cast<unsigned>(sh.T * q_tiles * sh.M));
+  // Workspace: the cell counts and their prefix sums (int32 per cell), one 16-byte entry per sample.
+  at::Tensor counts = at::zeros({cells}, value.options().dtype(at::kInt));
+  at::Tensor entries = at::empty({samples, 4}, value.options().dtype(at::kFloat));
   dispatch(value.scalar_type(), value.size(3), [&](auto tag, auto g) {
       using scalar_t = decltype(tag);
       constexpr int D = decltype(g)::value;
+      const scalar_t* lt = sh.W ? loc_t.data_ptr<scalar_t>() : nullptr;
+      const int64_t* fr = sh.W ? frames.data_ptr<int64_t>() : nullptr;
+      scalar_t* glt = sh.W ? grad_loc_t.data_ptr<scalar_t>() : nullptr;
+      Shape csh = sh;
+      csh.tile_step = tile_step(static_cast<int>(sh.T * q_tiles), true);
+      cell_count_kernel<scalar_t><<<static_cast<unsigned>(sh.T * q_tiles), kThreads, 0, stream>>>(
+          shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(), lt, fr,
+          counts.data_ptr<int>(), csh);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor cell_end = at::cumsum(counts, 0, at::kInt);
+      at::Tensor cursor = cell_end - counts;             // next free entry of each cell
       temporal_msda_backward_kernel<scalar_t, D><<<grid, kThreads, 0, stream>>>(
           value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-          loc_c.data_ptr<scalar_t>(), attn_c.data_ptr<scalar_t>(),
-          sh.W ? loc_t.data_ptr<scalar_t>() : nullptr, sh.W ? attn_t.data_ptr<scalar_t>() : nullptr,
-          sh.W ? frames.data_ptr<int64_t>() : nullptr, grad_out.data_ptr<scalar_t>(),
-          grad_value.data_ptr<float>(), grad_loc_c.data_ptr<scalar_t>(), grad_attn_c.data_ptr<scalar_t>(),
-          sh.W ? grad_loc_t.data_ptr<scalar_t>() : nullptr, sh.W ? grad_attn_t.data_ptr<scalar_t>() : nullptr,
-          sh);
+          loc_c.data_ptr<scalar_t>(), attn_c.data_ptr<scalar_t>(), lt,
+          sh.W ? attn_t.data_ptr<scalar_t>() : nullptr, fr, grad_out.data_ptr<scalar_t>(),
+          cursor.data_ptr<int>(), reinterpret_cast<float4*>(entries.data_ptr<float>()),
+          grad_loc_c.data_ptr<scalar_t>(), grad_attn_c.data_ptr<scalar_t>(),
+          glt, sh.W ? grad_attn_t.data_ptr<scalar_t>() : nullptr, sh);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // one lane group of D/4 lanes per kBinChunk entries (warps past the filled entries return at once)
+      const int64_t threads = (samples + kBinChunk - 1) / kBinChunk * (D / 4);
+      value_grad_kernel<scalar_t, D><<<static_cast<unsigned>((threads + kThreads - 1) / kThreads), kThreads, 0,
+                                       stream>>>(
+          shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+          reinterpret_cast<const float4*>(entries.data_ptr<float>()), cell_end.data_ptr<int>(), grad_out.data_ptr<scalar_t>(), grad_value.data_ptr<float>(), sh);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
