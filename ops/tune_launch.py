@@ -53,10 +53,11 @@ def _build(name: str, macros: dict, workdir: str) -> str:
     cuda_home = ops_build.find_cuda_home()
     os.environ["CUDA_HOME"] = cuda_home
     cpp_ext.CUDA_HOME = cuda_home
-    src = Path(macros.get("_source", ops_build.SOURCE)).read_text()
+    source = Path(macros.get("_source", ops_build.SOURCE))
+    src = source.read_text()
     for old, new in _ONLY_D32 + macros.get("_patch", []):
         if old not in src:
-            raise RuntimeError(f"variant {name}: patch target {old!r} not in {ops_build.SOURCE}")
+            raise RuntimeError(f"variant {name}: patch target {old!r} not in {source}")
         src = src.replace(old, new)
     out = Path(workdir) / name
     out.mkdir(parents=True, exist_ok=True)
