@@ -30,7 +30,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <algorithm>
 #include <numeric>
 #include <type_traits>
 
