@@ -236,12 +236,6 @@ def poison_outputs(fill: float = float("nan")):
         _POISON = old
 
 
-def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
-    if _POISON is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return torch.full(shape, _POISON, dtype=like.dtype, device=like.device)
-
-
 def _aligned(x: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (the kernel reads 4 channels per vector load)."""
     x = x.contiguous()
@@ -256,26 +250,28 @@ def _long_on(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.long).contiguous()
 
 
-def kernel_forward(value, spatial_shapes, level_start_index, loc_c, attn_c, loc_t, attn_t, frames):
-    """The fused forward without autograd (arguments as :class:`MSDeformAttnFunction`).
+def kernel_forward(value, spatial_shapes, level_start_index, loc_c, attn_c, loc_t, attn_t, frames,
+                   count_cells: bool = False):
+    """The fused forward (arguments as :class:`MSDeformAttnFunction`), without autograd.
 
-    Returns (out (T, Q, M*D), the contiguous inputs the backward needs). Called directly when no
-    gradient is needed: the autograd node would cost host time the GPU spends idle in front of a
-    sub-millisecond kernel.
+    Returns (out (T, Q, M*D), the contiguous inputs the backward needs, counts). With
+    ``count_cells`` the kernel also counts the samples of every value-gradient cell into counts
+    (int32 (ext.num_cells(T, S, M, L),)), which the backward's sort needs; otherwise counts is None.
+    Called directly when no gradient is needed: the autograd node would cost host time the GPU
+    spends idle in front of a sub-millisecond kernel.
     """
     ext = load_extension()
     value = _aligned(value)
     shapes = _long_on(spatial_shapes, value.device)
     starts = _long_on(level_start_index, value.device)
     loc_c, attn_c = loc_c.contiguous(), attn_c.contiguous()
-    empty = value.new_empty(0)
-    loc_t = empty if loc_t is None else loc_t.contiguous()
-    attn_t = empty if attn_t is None else attn_t.contiguous()
+    if loc_t is None:                       # the image case: the kernel takes empty temporal arguments
+        loc_t = attn_t = value.new_empty(0)
+    else:
+        loc_t, attn_t = loc_t.contiguous(), attn_t.contiguous()
     frames = _long_on(frames, value.device)
-    T, _, M, D = value.shape
-    out = _alloc((T, loc_c.shape[1], M * D), value)
-    ext.forward(value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames, out)
-    return out, (value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames)
+    out, counts = ext.forward(value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames, count_cells, _POISON)
+    return out, (value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames), counts if count_cells else None
 
 
 class MSDeformAttnFunction(torch.autograd.Function):
@@ -285,24 +281,19 @@ class MSDeformAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, loc_c, attn_c, loc_t, attn_t, frames):
-        out, saved = kernel_forward(value, spatial_shapes, level_start_index, loc_c, attn_c, loc_t, attn_t,
-                                    frames)
-        ctx.save_for_backward(*saved)
+        out, saved, counts = kernel_forward(value, spatial_shapes, level_start_index, loc_c, attn_c, loc_t,
+                                            attn_t, frames, count_cells=True)
+        ctx.save_for_backward(*saved, counts)
         ctx.has_temporal = saved[5].numel() > 0
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         ext = load_extension()
-        value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames = ctx.saved_tensors
-        grad_out = _aligned(grad_out.to(value.dtype))
-        # float32 accumulation for every dtype: a cell's sums from several chunks meet in this buffer, and an
-        # encoder pixel gathers hundreds of terms, too many to add in half/bf16
-        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-        g_loc_c, g_attn_c = _alloc(loc_c.shape, loc_c), _alloc(attn_c.shape, attn_c)
-        g_loc_t, g_attn_t = _alloc(loc_t.shape, loc_t), _alloc(attn_t.shape, attn_t)
-        ext.backward(value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames, grad_out,
-                     grad_value, g_loc_c, g_attn_c, g_loc_t, g_attn_t)
+        value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames, counts = ctx.saved_tensors
+        grad_out = _aligned(grad_out if grad_out.dtype == value.dtype else grad_out.to(value.dtype))
+        g_value, g_loc_c, g_attn_c, g_loc_t, g_attn_t = ext.backward(
+            value, shapes, starts, loc_c, attn_c, loc_t, attn_t, frames, grad_out, counts, _POISON)
         if not ctx.has_temporal:
             g_loc_t = g_attn_t = None
-        return grad_value.to(value.dtype), None, None, g_loc_c, g_attn_c, g_loc_t, g_attn_t, None
+        return g_value, None, None, g_loc_c, g_attn_c, g_loc_t, g_attn_t, None

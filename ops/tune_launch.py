@@ -43,6 +43,7 @@ VARIANTS = {
     "chunk32": {"DEVIS_BIN_CHUNK": 32},
     "chunk128": {"DEVIS_BIN_CHUNK": 128},
     "vg8x2": {"DEVIS_BIN_BATCH": 8, "DEVIS_BIN_MIN_BLOCKS": 2},
+    "narrowvg": {"DEVIS_BIN_WIDE": 0},
 }
 CASES = [("encoder 360x640", torch.float32), ("encoder 360x640", torch.bfloat16), ("decoder N_q=30", torch.float32)]
 
@@ -87,7 +88,13 @@ def _kernel_args(inp: dict):
 
 
 def measure(ext, inp: dict) -> dict:
-    """Raw kernel times (ms) and outputs of one module on one input set."""
+    """Raw kernel times (ms) and outputs of one module on one input set.
+
+    fwd: the forward alone (inference); fwd_count: the forward as training runs it, also counting the
+    value-gradient cells (binding api 3; earlier kernels counted in the backward, there it is fwd);
+    bwd: the backward (api 3: with its buffers' allocation and the value gradient's cast, as the
+    autograd binding runs it); fwd_count + bwd is the figure that compares across bindings.
+    """
     args = _kernel_args(inp)
     v, lc, ac, lt, at = args[0], args[3], args[4], args[5], args[6]
     T, _, M, D = v.shape
@@ -95,15 +102,37 @@ def measure(ext, inp: dict) -> dict:
     go = torch.randn(out.shape, device=v.device, generator=torch.Generator(v.device).manual_seed(1)).to(v.dtype)
     gv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     glc, gac, glt, gat = (torch.empty_like(x) for x in (lc, ac, lt, at))
-    fwd = _time(lambda: ext.forward(*args, out), reps=30, warmup=3)
+    if getattr(ext, "api", 1) >= 3:
+        res = {}
+        fwd = _time(lambda: ext.forward(*args, False), reps=30, warmup=3)
 
-    def bwd():
-        gv.zero_()
-        ext.backward(*args, go, gv, glc, gac, glt, gat)
+        def fwd_count():
+            res["out"], res["counts"] = ext.forward(*args, True)
+        fwd_count_ms = _time(fwd_count, reps=30, warmup=3)
+        fwd_count()
+
+        def bwd():
+            res["grads"] = ext.backward(*args, go, res["counts"])
+
+        def keep():
+            out.copy_(res["out"])
+            for dst, src in zip((gv, glc, gac, glt, gat), res["grads"]):
+                dst.copy_(src)
+    else:
+        fwd = fwd_count_ms = _time(lambda: ext.forward(*args, out), reps=30, warmup=3)
+
+        def bwd():
+            gv.zero_()
+            ext.backward(*args, go, gv, glc, gac, glt, gat)
+
+        def keep():
+            pass
     bwd_ms = _time(bwd, reps=30, warmup=3)
     bwd()
+    keep()
     torch.cuda.synchronize()
-    return dict(fwd=fwd, bwd=bwd_ms, outs=[out.float(), gv, glc.float(), gac.float(), glt.float(), gat.float()])
+    return dict(fwd=fwd, fwd_count=fwd_count_ms, bwd=bwd_ms,
+                outs=[out.float(), gv, glc.float(), gac.float(), glt.float(), gat.float()])
 
 
 def main(argv=None) -> None:
@@ -142,15 +171,16 @@ def main(argv=None) -> None:
             else:
                 first[key] = r["outs"]
             rows.append(dict(variant=n, case=key[0], dtype=str(key[1]).replace("torch.", ""),
-                             fwd_ms=r["fwd"], bwd_ms=r["bwd"], max_rel_vs_first=max(errs) if errs else 0.0))
+                             fwd_ms=r["fwd"], fwd_count_ms=r["fwd_count"], bwd_ms=r["bwd"],
+                             train_ms=r["fwd_count"] + r["bwd"], max_rel_vs_first=max(errs) if errs else 0.0))
             print(rows[-1], flush=True)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1))
-    print("| variant | case | dtype | fwd ms | bwd ms | rel. diff vs first |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | case | dtype | fwd ms | fwd+count ms | bwd ms | fwd+count+bwd ms | rel. diff vs first |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['case']} | {r['dtype']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | "
-              f"{r['max_rel_vs_first']:.1e} |")
+        print(f"| {r['variant']} | {r['case']} | {r['dtype']} | {r['fwd_ms']:.3f} | {r['fwd_count_ms']:.3f} | "
+              f"{r['bwd_ms']:.3f} | {r['train_ms']:.3f} | {r['max_rel_vs_first']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -178,3 +178,37 @@ def test_value_gradient_at_encoder_geometry(ext, dtype):
     tensors = [inp[k] for k in ("value", "loc_current", "attn_current", "loc_temporal", "attn_temporal")]
     err = _value_grad_error(tensors, inp["spatial_shapes"], inp["level_start_index"], inp["temporal_frames"], dtype)
     assert err < BOUNDS[dtype][0], f"value gradient relative error {err:.2e}"
+
+
+def test_second_backward_reuses_the_forward_counts(ext):
+    # The forward counts the samples per value-gradient cell and the backward sorts by those
+    # counts without changing them, so a retained graph gives the same gradients twice.
+    tensors, shapes, starts, frames = _inputs(**CASES["odd"], seed=41)
+    leaves = [x.detach().clone().requires_grad_(True) for x in tensors]
+    out = ms_deform_attn(leaves[0], shapes, starts, *leaves[1:], frames, backend="cuda")
+    grad = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    first = torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, grad)
+    for name, a, b in zip(("value", "loc_c", "attn_c", "loc_t", "attn_t"), first, second):
+        # the value gradient's atomic additions may sum in another order
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_binding_rejects_a_count_buffer_of_the_wrong_size(ext):
+    # The error message carries integers, which go through the kernel's text helper (streaming an
+    # integer into a c10 message from the nvcc-compiled file crashed the process on the H100 machines).
+    tensors, shapes, starts, frames = _inputs(**CASES["odd"], seed=42)
+    value, loc_c, a_c, loc_t, a_t = (x.contiguous() for x in tensors)
+    T, S, M, D = value.shape
+    out, counts = ext.forward(value, shapes, starts, loc_c, a_c, loc_t, a_t, frames, True)
+    cells = ext.num_cells(T, S, M, loc_c.shape[3])
+    assert cells == T * M * (2 * S + 2 * loc_c.shape[3]) and counts.shape == (cells,)
+    assert counts.dtype == torch.int32 and int(counts.sum()) > 0
+    grad = torch.ones_like(out)
+    with pytest.raises(RuntimeError, match=rf"counts must be int32 of shape \({cells},\).* with 1 dims and "
+                                           rf"{cells - 1} elements"):
+        ext.backward(value, shapes, starts, loc_c, a_c, loc_t, a_t, frames, grad, counts[:-1].clone())
+    with pytest.raises(RuntimeError, match="counts must be int32 .*got Long"):
+        ext.backward(value, shapes, starts, loc_c, a_c, loc_t, a_t, frames, grad, counts.long())
+    _, no_counts = ext.forward(value, shapes, starts, loc_c, a_c, loc_t, a_t, frames, False)
+    assert no_counts.numel() == 0

@@ -17,10 +17,14 @@
 // corner's weighted grad_output row straight into the float32 buffer moved about 89 M rows (11.4 GB)
 // through the L2's atomic units at the DeVIS encoder shape and set the backward's time
 // (ops/README.md). Instead the samples are binned by the cell they read (target frame, head, level,
-// top-left corner (x0, y0) with x0 in [-1, W_l), y0 in [-1, H_l)): one pass counts the samples per
-// cell, a scan gives each cell its range, the main backward kernel writes each sample's (grad_output
-// row, weight, fractional position) into its cell's range, and a last kernel walks the sorted list in
-// fixed chunks, sums a cell's four corner rows in registers and adds them once per cell and chunk.
+// top-left corner (x0, y0) with x0 in [-1, W_l), y0 in [-1, H_l)): the forward counts the samples
+// per cell, a scan gives each cell its range, the main backward kernel writes each sample's
+// (grad_output row, weight, fractional position) into its cell's range, and a last kernel walks the
+// sorted list in fixed chunks, sums a cell's four corner rows in registers and adds them once per
+// cell and chunk. The forward counts only when a backward will follow (count_cells, set by the
+// autograd binding): it already computes every sample's corner, and its count atomics hide behind its
+// value gathers (about +0.04 ms), where a separate counting pass cost 0.34-0.43 ms at the encoder
+// shape (ops/README.md).
 //
 // Kept in one translation unit (bindings included) so the JIT build compiles a single file.
 
@@ -30,7 +34,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cstdio>
 #include <numeric>
+#include <optional>
+#include <vector>
 #include <type_traits>
 
 // Launch tuning (swept with ops/tune_launch.py on an H100, results in ops/README.md): warps per
@@ -60,12 +67,21 @@
 #define DEVIS_BIN_CHUNK 64
 #endif
 // entries whose grad_output rows a lane group of the value-gradient kernel loads at once, and that
-// kernel's minimum resident blocks per SM
 #ifndef DEVIS_BIN_BATCH
 #define DEVIS_BIN_BATCH 4
 #endif
+// kernel's minimum resident blocks per SM: DEVIS_BIN_MIN_BLOCKS for lanes of 4 channels (64
+// registers), DEVIS_BIN_WIDE_MIN_BLOCKS for lanes of 8 (80 registers, no spills)
 #ifndef DEVIS_BIN_MIN_BLOCKS
 #define DEVIS_BIN_MIN_BLOCKS 4
+#endif
+#ifndef DEVIS_BIN_WIDE_MIN_BLOCKS
+#define DEVIS_BIN_WIDE_MIN_BLOCKS 3
+#endif
+// 1: the value-gradient kernel's lanes take 8 channels (one 16-byte load) for the 16-bit types;
+// 0: 4 channels for every dtype
+#ifndef DEVIS_BIN_WIDE
+#define DEVIS_BIN_WIDE 1
 #endif
 
 namespace {
@@ -318,13 +334,15 @@ __device__ __forceinline__ bool locate_row(const Shape& sh, int warp_in_block, i
 
 // ---- forward --------------------------------------------------------------------------------------
 
-template <typename scalar_t, int D>
+// kCount: also count the samples per value-gradient cell into counts (when a backward follows; a
+// separate instantiation so the inference forward carries none of it).
+template <typename scalar_t, int D, bool kCount>
 __global__ void __launch_bounds__(kThreads, DEVIS_FWD_MIN_BLOCKS)
 temporal_msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                              const int64_t* __restrict__ starts, const scalar_t* __restrict__ loc_c,
                              const scalar_t* __restrict__ attn_c, const scalar_t* __restrict__ loc_t,
                              const scalar_t* __restrict__ attn_t, const int64_t* __restrict__ frames,
-                             scalar_t* __restrict__ out, Shape sh) {
+                             scalar_t* __restrict__ out, int* __restrict__ counts, Shape sh) {
   using V = Vec<scalar_t>;
   constexpr int C = V::C;
   constexpr int G = D / C;         // lanes per sample
@@ -353,6 +371,10 @@ temporal_msda_forward_kernel(const scalar_t* __restrict__ value, const int64_t* 
     float wl, hl;
     int cell;
     const Packed mine = prepare(base + lane, nc, ns, t, m, sh, lc, ac, lt, at, frames, tab, MD, wl, hl, cell);
+    // samples per value-gradient cell, for the backward's sort
+    if constexpr (kCount) {
+      if (cell >= 0) atomicAdd(counts + cell, 1);
+    }
 #pragma unroll
     for (int k0 = 0; k0 < G; k0 += B) {
       Corners c[B];
@@ -494,40 +516,6 @@ temporal_msda_backward_kernel(const scalar_t* __restrict__ value, const int64_t*
 
 // ---- value gradient by cells -------------------------------------------------------------------------
 
-// Samples per value-gradient cell (the same cell_of as the backward kernel, so the counts match the
-// entries it files). A block counts the samples of one tile of kWarpsPerBlock queries (all heads),
-// a thread per sample; tiles are visited swizzled (Shape::tile_step) so that the blocks resident at
-// one time read all over the maps: in row order they all added to the same few coarse cells, whose
-// atomics serialise (a level-3 cell of the encoder receives about 1,500 samples).
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-cell_count_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
-                  const scalar_t* __restrict__ loc_c, const scalar_t* __restrict__ loc_t,
-                  const int64_t* __restrict__ frames, int* __restrict__ counts, Shape sh) {
-  __shared__ LevelTable tab;
-  load_levels(tab, shapes, starts, sh.L);
-  __syncthreads();
-  const int nc = sh.L * sh.Pc, nt = sh.W * sh.L * sh.Pt, ns = nc + nt;
-  const int q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const int n_tiles = sh.T * q_tiles;
-  const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) * sh.tile_step % n_tiles);
-  const int t = tile / q_tiles, q0 = (tile - t * q_tiles) * kWarpsPerBlock;
-  const int rows = min(kWarpsPerBlock, sh.Q - q0) * sh.M;
-  const int64_t row0 = (static_cast<int64_t>(t) * sh.Q + q0) * sh.M;
-  for (int i = threadIdx.x; i < rows * ns; i += blockDim.x) {
-    const int r = i / ns, s = i - r * ns;
-    const int64_t row = row0 + r;
-    const int m = static_cast<int>(row % sh.M);
-    int f, l, x0, y0;
-    float x, y, a = 0.f, lx, ly;
-    sample_at<false, scalar_t>(s, nc, ns, t, sh, loc_c + row * nc * 2, nullptr,
-                               nt ? loc_t + row * nt * 2 : nullptr, nullptr, frames, f, l, x, y, a);
-    if (!corner_of(x, y, tab.h[l], tab.w[l], x0, y0, lx, ly)) continue;
-    const int cell = cell_of(tab, sh, f, m, l, x0, y0);
-    if (cell >= 0) atomicAdd(counts + cell, 1);
-  }
-}
-
 // The cell in [lo, hi] whose entries hold entry i: the first with cell_end > i. Tries the next
 // cells first (the usual case in dense maps), then bisects: sparse inputs (the decoder's few queries)
 // leave long runs of empty cells that a plain walk would step through one load at a time.
@@ -545,8 +533,9 @@ __device__ __forceinline__ int cell_holding(const int* __restrict__ cell_end, in
 }
 
 // Adds a cell's four corner sums (this lane's 4 channels) to the float32 value gradient and clears them.
+template <int CV>
 __device__ __forceinline__ void add_cell(const LevelTable& tab, const Shape& sh, int cell, int D, int chan,
-                                         float (&acc)[4][4], float* __restrict__ grad_value) {
+                                         float (&acc)[4][CV], float* __restrict__ grad_value) {
   const int fm = cell / tab.cells, r = cell - fm * tab.cells;
   const int f = fm / sh.M, m = fm - f * sh.M;
   int l = 0;
@@ -558,31 +547,44 @@ __device__ __forceinline__ void add_cell(const LevelTable& tab, const Shape& sh,
     const int x = x0 + (c & 1), y = y0 + (c >> 1);
     if (x >= 0 && x < w && y >= 0 && y < h) {
       const int64_t pix = static_cast<int64_t>(f) * sh.S + tab.start[l] + y * w + x;
-      atomic_add4(grad_value + (pix * sh.M + m) * D + chan, acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
+      float* dst = grad_value + (pix * sh.M + m) * D + chan;
+#pragma unroll
+      for (int q = 0; q < CV; q += 4) atomic_add4(dst + q, acc[c][q], acc[c][q + 1], acc[c][q + 2], acc[c][q + 3]);
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[c][j] = 0.f;
+    for (int j = 0; j < CV; ++j) acc[c][j] = 0.f;
   }
 }
 
-// Value gradient from the sorted entries. A lane group of G = D/4 lanes (4 channels each) takes the
-// kBinChunk entries [i0, i1) and sums corner rows in registers until the cell changes (cell_end, the inclusive prefix sums of the
-// counts, says where: see cell_holding). Its lanes load
+// Channels per lane of the value-gradient kernel: 4 for float32 (one 16-byte load), 8 for the 16-bit
+// types (one 16-byte load; half the lanes per entry, so half the shuffles and weight arithmetic per
+// entry: bfloat16 backward 1.99 -> 1.80 ms on an H100, ops/README.md).
+template <typename scalar_t> constexpr int bin_channels() {
+  return DEVIS_BIN_WIDE && sizeof(scalar_t) == 2 ? 8 : 4;
+}
+template <typename scalar_t> constexpr int bin_min_blocks() {
+  return bin_channels<scalar_t>() == 8 ? DEVIS_BIN_WIDE_MIN_BLOCKS : DEVIS_BIN_MIN_BLOCKS;
+}
+
+// Value gradient from the sorted entries. A lane group of G = D/CV lanes (CV = bin_channels channels
+// each) takes the kBinChunk entries [i0, i1) and sums corner rows in registers until the cell changes
+// (cell_end, the inclusive prefix sums of the counts, says where: see cell_holding). Its lanes load
 // NB entries at once (one each, coalesced) and pass them round by shuffle, so NB grad_output rows are
 // in flight together; the next NB entries load while these are summed. Every lane runs the same
 // number of steps (entries past the end are masked), which keeps the full-warp shuffles legal.
 template <typename scalar_t, int D>
-__global__ void __launch_bounds__(kThreads, DEVIS_BIN_MIN_BLOCKS)
+__global__ void __launch_bounds__(kThreads, bin_min_blocks<scalar_t>())
 value_grad_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
                   const float4* __restrict__ entries, const int* __restrict__ cell_end, const scalar_t* __restrict__ grad_out,
                   float* __restrict__ grad_value, Shape sh) {
-  constexpr int G = D / 4;
+  constexpr int CV = bin_channels<scalar_t>();
+  constexpr int G = D / CV;
   constexpr int NB = G < kBinBatch ? G : kBinBatch;
   static_assert(kBinChunk % NB == 0, "DEVIS_BIN_CHUNK must be a multiple of DEVIS_BIN_BATCH");
   __shared__ LevelTable tab;
   load_levels(tab, shapes, starts, sh.L);
   __syncthreads();
-  const int lane = threadIdx.x & 31, j = lane % G, chan = j * 4;
+  const int lane = threadIdx.x & 31, j = lane % G, chan = j * CV;
   const int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / G;
   const int64_t total = cell_end[sh.num_bins - 1];
   const int64_t warp_first = (group - lane / G) * kBinChunk;
@@ -590,11 +592,11 @@ value_grad_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict_
   const int64_t first = group * kBinChunk;
   const int i0 = static_cast<int>(first < total ? first : total);
   const int i1 = static_cast<int>(i0 + kBinChunk < total ? i0 + kBinChunk : total);
-  float acc[4][4];
+  float acc[4][CV];
 #pragma unroll
   for (int c = 0; c < 4; ++c)
 #pragma unroll
-    for (int k = 0; k < 4; ++k) acc[c][k] = 0.f;
+    for (int k = 0; k < CV; ++k) acc[c][k] = 0.f;
   int cell = i0 < i1 ? cell_holding(cell_end, i0, 0, sh.num_bins - 1) : 0;
   int end = cell_end[cell];
   float4 e = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -602,11 +604,17 @@ value_grad_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict_
   for (int i = i0; i < i0 + kBinChunk; i += NB) {
     float4 en = make_float4(0.f, 0.f, 0.f, 0.f);
     if (j < NB && i + NB + j < i1) en = entries[i + NB + j];
-    float g[NB][4];
+    // grad_output rows: CV = 4 channels as floats, or CV = 8 16-bit channels kept packed until used
+    float g[CV == 4 ? NB : 1][4];
+    uint4 raw[CV == 8 ? NB : 1];
 #pragma unroll
     for (int k = 0; k < NB; ++k) {
       const int row = __float_as_int(__shfl_sync(kFull, e.x, k, G));
-      if (i + k < i1) load4(grad_out + static_cast<int64_t>(row) * D + chan, g[k]);
+      if constexpr (CV == 4) {
+        if (i + k < i1) load4(grad_out + static_cast<int64_t>(row) * D + chan, g[k]);
+      } else {
+        raw[k] = i + k < i1 ? load16(grad_out + static_cast<int64_t>(row) * D + chan) : make_uint4(0u, 0u, 0u, 0u);
+      }
     }
 #pragma unroll
     for (int k = 0; k < NB; ++k) {
@@ -620,10 +628,17 @@ value_grad_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict_
         }
         const float hx = 1.f - lx, hy = 1.f - ly;
         const float wc[4] = {a * hy * hx, a * hy * lx, a * ly * hx, a * ly * lx};
+        float gk[CV];
+        if constexpr (CV == 4) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) gk[q] = g[k][q];
+        } else {
+          Vec<scalar_t>::unpack(raw[k], gk);
+        }
 #pragma unroll
         for (int c = 0; c < 4; ++c)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) acc[c][q] = fmaf(wc[c], g[k][q], acc[c][q]);
+          for (int q = 0; q < CV; ++q) acc[c][q] = fmaf(wc[c], gk[q], acc[c][q]);
       }
     }
     e = en;
@@ -633,10 +648,22 @@ value_grad_kernel(const int64_t* __restrict__ shapes, const int64_t* __restrict_
 
 // ---- host side ------------------------------------------------------------------------------------
 
+// Integers (and devices) enter error messages as text: on the H100 machines (torch 2.11, nvcc 13,
+// g++ 13) streaming an integer into a c10 message from nvcc-compiled host code crashed the process
+// with SIGSEGV (reproduced with a minimal extension), while character strings were safe.
+struct Text {
+  char s[48];
+};
+Text txt(int64_t v) {
+  Text t;
+  std::snprintf(t.s, sizeof t.s, "%lld", static_cast<long long>(v));
+  return t;
+}
+
 void check_tensor(const at::Tensor& x, const char* name, const at::Tensor& like) {
   TORCH_CHECK(x.is_cuda(), "temporal_msda: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(x.device() == like.device(), "temporal_msda: ", name, " is on ", x.device(),
-              ", expected ", like.device());
+  TORCH_CHECK(x.device() == like.device(), "temporal_msda: ", name, " is on ", x.device().str().c_str(),
+              ", expected ", like.device().str().c_str());
   TORCH_CHECK(x.is_contiguous(), "temporal_msda: ", name, " must be contiguous");
 }
 
@@ -677,14 +704,31 @@ Shape shape_of(const at::Tensor& value, const at::Tensor& shapes, const at::Tens
   sh.W = loc_t.numel() ? loc_t.size(3) : 0;
   sh.Pt = loc_t.numel() ? loc_t.size(5) : 0;
   sh.tile_step = 1;   // set per launch (swizzle_tiles)
-  sh.num_bins = 0;    // set by the backward
-  TORCH_CHECK(shapes.size(0) == sh.L, "temporal_msda: spatial_shapes has ", shapes.size(0),
-              " levels, loc_current has ", sh.L);
-  TORCH_CHECK(sh.L <= kMaxLevels, "temporal_msda: at most ", kMaxLevels, " levels, got ", sh.L);
+  sh.num_bins = 0;    // set when counting or sorting (bind_counts)
+  TORCH_CHECK(shapes.size(0) == sh.L, "temporal_msda: spatial_shapes has ", txt(shapes.size(0)).s,
+              " levels, loc_current has ", txt(sh.L).s);
+  TORCH_CHECK(sh.L <= kMaxLevels, "temporal_msda: at most ", txt(kMaxLevels).s, " levels, got ", txt(sh.L).s);
   // corner offsets are 32-bit (they travel between lanes by shuffle)
-  TORCH_CHECK(value.numel() < (int64_t{1} << 31), "temporal_msda: value has ", value.numel(),
+  TORCH_CHECK(value.numel() < (int64_t{1} << 31), "temporal_msda: value has ", txt(value.numel()).s,
               " elements, the kernel addresses at most 2^31 - 1");
   return sh;
+}
+
+// Value-gradient cells of a clip: (H_l + 1)(W_l + 1) <= 2 H_l W_l + 2, so 2 S + 2 L cells per
+// (frame, head) hold every level's.
+int64_t num_cells(int64_t T, int64_t S, int64_t M, int64_t L) { return T * M * (2 * S + 2 * L); }
+
+// Checks the count buffer (int32, one per cell of num_cells) and records its size in sh.num_bins.
+void bind_counts(const at::Tensor& counts, const at::Tensor& value, Shape& sh) {
+  check_tensor(counts, "counts", value);
+  const int64_t cells = num_cells(sh.T, sh.S, sh.M, sh.L);
+  TORCH_CHECK(counts.scalar_type() == at::kInt && counts.dim() == 1 && counts.numel() == cells,
+              "temporal_msda: counts must be int32 of shape (", txt(cells).s, ",) = num_cells(T, S, M, L), got ",
+              c10::toString(counts.scalar_type()), " with ", txt(counts.dim()).s, " dims and ",
+              txt(counts.numel()).s, " elements");
+  TORCH_CHECK(cells < (int64_t{1} << 31), "temporal_msda: ", txt(cells).s,
+              " value-gradient cells; the kernel indexes at most 2^31 - 1");
+  sh.num_bins = static_cast<int>(cells);
 }
 
 using Named = std::pair<const at::Tensor*, const char*>;
@@ -701,30 +745,44 @@ void dispatch(at::ScalarType st, int64_t D, F&& f) {
       case 16: f(tag, std::integral_constant<int, 16>{}); break;
       case 32: f(tag, std::integral_constant<int, 32>{}); break;
       case 64: f(tag, std::integral_constant<int, 64>{}); break;
-      default: TORCH_CHECK(false, "temporal_msda: head dim D must be 16, 32 or 64, got ", D);
+      default: TORCH_CHECK(false, "temporal_msda: head dim D must be 16, 32 or 64, got ", txt(D).s);
     }
   };
   switch (st) {
     case at::kFloat: by_dim(float{}); break;
     case at::kHalf: by_dim(at::Half{}); break;
     case at::kBFloat16: by_dim(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "temporal_msda: value must be float32, float16 or bfloat16, got ", st);
+    default: TORCH_CHECK(false, "temporal_msda: value must be float32, float16 or bfloat16, got ", c10::toString(st));
   }
 }
 
-void forward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
-             const at::Tensor& loc_c, const at::Tensor& attn_c, const at::Tensor& loc_t,
-             const at::Tensor& attn_t, const at::Tensor& frames, at::Tensor& out) {
+// An output buffer: uninitialised, or filled with `poison` (tests: an unwritten element shows).
+at::Tensor output(at::IntArrayRef size, const at::TensorOptions& opt, std::optional<double> poison) {
+  return poison ? at::full(size, *poison, opt) : at::empty(size, opt);
+}
+
+// Returns (out (T, Q, M*D) in value's dtype, counts): with count_cells, counts (int32, num_cells)
+// holds the samples per value-gradient cell, which the backward needs; otherwise it is empty.
+// Buffers are allocated here rather than in Python: each Python-side allocation cost several
+// microseconds of host time, during which the GPU waits in front of a sub-millisecond kernel.
+std::vector<at::Tensor> forward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
+                                const at::Tensor& loc_c, const at::Tensor& attn_c, const at::Tensor& loc_t,
+                                const at::Tensor& attn_t, const at::Tensor& frames, bool count_cells,
+                                std::optional<double> poison) {
   check_all({{&shapes, "spatial_shapes"}, {&starts, "level_start_index"}, {&loc_c, "loc_current"},
-             {&attn_c, "attn_current"}, {&out, "out"}}, value);
+             {&attn_c, "attn_current"}}, value);
   check_tensor(value, "value", value);
   Shape sh = shape_of(value, shapes, loc_c, loc_t);
   if (sh.W) {
     check_all({{&loc_t, "loc_temporal"}, {&attn_t, "attn_temporal"}, {&frames, "temporal_frames"}}, value);
   }
-  const int64_t rows = static_cast<int64_t>(sh.T) * sh.Q * sh.M;
-  if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(value.device());
+  at::Tensor out = output({sh.T, sh.Q, sh.M * value.size(3)}, value.options(), poison);
+  at::Tensor counts = count_cells ? at::zeros({num_cells(sh.T, sh.S, sh.M, sh.L)}, value.options().dtype(at::kInt))
+                                  : at::empty({0}, value.options().dtype(at::kInt));
+  if (count_cells) bind_counts(counts, value, sh);
+  const int64_t rows = static_cast<int64_t>(sh.T) * sh.Q * sh.M;
+  if (rows == 0) return {out, counts};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
   sh.tile_step = tile_step(static_cast<int>(q_tiles), swizzle_tiles(false, value.scalar_type()));
@@ -732,45 +790,55 @@ void forward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor
   dispatch(value.scalar_type(), value.size(3), [&](auto tag, auto g) {
       using scalar_t = decltype(tag);
       constexpr int D = decltype(g)::value;
-      temporal_msda_forward_kernel<scalar_t, D><<<grid, kThreads, 0, stream>>>(
+      auto kernel = count_cells ? temporal_msda_forward_kernel<scalar_t, D, true>
+                                : temporal_msda_forward_kernel<scalar_t, D, false>;
+      kernel<<<grid, kThreads, 0, stream>>>(
           value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
           loc_c.data_ptr<scalar_t>(), attn_c.data_ptr<scalar_t>(),
           sh.W ? loc_t.data_ptr<scalar_t>() : nullptr, sh.W ? attn_t.data_ptr<scalar_t>() : nullptr,
-          sh.W ? frames.data_ptr<int64_t>() : nullptr, out.data_ptr<scalar_t>(), sh);
+          sh.W ? frames.data_ptr<int64_t>() : nullptr, out.data_ptr<scalar_t>(),
+          count_cells ? counts.data_ptr<int>() : nullptr, sh);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return {out, counts};
 }
 
-void backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
-              const at::Tensor& loc_c, const at::Tensor& attn_c, const at::Tensor& loc_t,
-              const at::Tensor& attn_t, const at::Tensor& frames, const at::Tensor& grad_out,
-              at::Tensor& grad_value, at::Tensor& grad_loc_c, at::Tensor& grad_attn_c,
-              at::Tensor& grad_loc_t, at::Tensor& grad_attn_t) {
+// Returns the gradients (value, loc_current, attn_current, loc_temporal, attn_temporal), each in
+// its input's dtype and shape, given grad_out (T, Q, M*D) and the forward's counts. The value
+// gradient accumulates in float32 for every dtype: a cell's sums from several chunks meet in it,
+// and an encoder pixel gathers hundreds of terms, too many to add in half or bfloat16.
+std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tensor& starts,
+                                 const at::Tensor& loc_c, const at::Tensor& attn_c, const at::Tensor& loc_t,
+                                 const at::Tensor& attn_t, const at::Tensor& frames, const at::Tensor& grad_out,
+                                 const at::Tensor& counts, std::optional<double> poison) {
   check_all({{&shapes, "spatial_shapes"}, {&starts, "level_start_index"}, {&loc_c, "loc_current"},
-             {&attn_c, "attn_current"}, {&grad_out, "grad_output"}, {&grad_value, "grad_value"},
-             {&grad_loc_c, "grad_loc_current"}, {&grad_attn_c, "grad_attn_current"}}, value);
+             {&attn_c, "attn_current"}, {&grad_out, "grad_output"}}, value);
   check_tensor(value, "value", value);
-  TORCH_CHECK(grad_value.scalar_type() == at::kFloat, "temporal_msda: grad_value buffer must be float32");
+  TORCH_CHECK(grad_out.scalar_type() == value.scalar_type(), "temporal_msda: grad_output must have value's dtype ",
+              c10::toString(value.scalar_type()), ", got ", c10::toString(grad_out.scalar_type()));
   Shape sh = shape_of(value, shapes, loc_c, loc_t);
   if (sh.W) {
-    check_all({{&loc_t, "loc_temporal"}, {&attn_t, "attn_temporal"}, {&frames, "temporal_frames"},
-               {&grad_loc_t, "grad_loc_temporal"}, {&grad_attn_t, "grad_attn_temporal"}}, value);
+    check_all({{&loc_t, "loc_temporal"}, {&attn_t, "attn_temporal"}, {&frames, "temporal_frames"}}, value);
   }
-  const int64_t rows = static_cast<int64_t>(sh.T) * sh.Q * sh.M;
-  if (rows == 0) return;
-  const int64_t samples = rows * (sh.L * sh.Pc + sh.W * sh.L * sh.Pt);
-  // (H_l + 1)(W_l + 1) <= 2 H_l W_l + 2, so 2 S + 2 L cells per (frame, head) hold every level's
-  const int64_t cells = static_cast<int64_t>(sh.T) * sh.M * (2 * static_cast<int64_t>(sh.S) + 2 * sh.L);
-  TORCH_CHECK(samples < (int64_t{1} << 31) && cells < (int64_t{1} << 31), "temporal_msda: ", samples,
-              " samples and ", cells, " value-gradient cells; the backward indexes at most 2^31 - 1 of each");
-  sh.num_bins = static_cast<int>(cells);
   const c10::cuda::CUDAGuard guard(value.device());
+  at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(at::kFloat));
+  at::Tensor grad_loc_c = output(loc_c.sizes(), loc_c.options(), poison);
+  at::Tensor grad_attn_c = output(attn_c.sizes(), attn_c.options(), poison);
+  at::Tensor grad_loc_t = output(loc_t.sizes(), loc_t.options(), poison);
+  at::Tensor grad_attn_t = output(attn_t.sizes(), attn_t.options(), poison);
+  const int64_t rows = static_cast<int64_t>(sh.T) * sh.Q * sh.M;
+  if (rows == 0) return {grad_value.to(value.scalar_type()), grad_loc_c, grad_attn_c, grad_loc_t, grad_attn_t};
+  const int64_t samples = rows * (sh.L * sh.Pc + sh.W * sh.L * sh.Pt);
+  TORCH_CHECK(samples < (int64_t{1} << 31), "temporal_msda: ", txt(samples).s,
+              " samples; the backward indexes at most 2^31 - 1");
+  bind_counts(counts, value, sh);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t q_tiles = (sh.Q + kWarpsPerBlock - 1) / kWarpsPerBlock;
   sh.tile_step = tile_step(static_cast<int>(q_tiles), swizzle_tiles(true, value.scalar_type()));
   const dim3 grid(static_cast<unsigned>(sh.T * q_tiles * sh.M));
-  // Workspace: the cell counts and their prefix sums (int32 per cell), one 16-byte entry per sample.
-  at::Tensor counts = at::zeros({cells}, value.options().dtype(at::kInt));
+  // Workspace: the cells' prefix sums and cursors (int32 each), one 16-byte entry per sample.
+  at::Tensor cell_end = at::cumsum(counts, 0, at::kInt);
+  at::Tensor cursor = cell_end - counts;             // next free entry of each cell
   at::Tensor entries = at::empty({samples, 4}, value.options().dtype(at::kFloat));
   dispatch(value.scalar_type(), value.size(3), [&](auto tag, auto g) {
       using scalar_t = decltype(tag);
@@ -778,14 +846,6 @@ void backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tenso
       const scalar_t* lt = sh.W ? loc_t.data_ptr<scalar_t>() : nullptr;
       const int64_t* fr = sh.W ? frames.data_ptr<int64_t>() : nullptr;
       scalar_t* glt = sh.W ? grad_loc_t.data_ptr<scalar_t>() : nullptr;
-      Shape csh = sh;
-      csh.tile_step = tile_step(static_cast<int>(sh.T * q_tiles), true);
-      cell_count_kernel<scalar_t><<<static_cast<unsigned>(sh.T * q_tiles), kThreads, 0, stream>>>(
-          shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(), lt, fr,
-          counts.data_ptr<int>(), csh);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::Tensor cell_end = at::cumsum(counts, 0, at::kInt);
-      at::Tensor cursor = cell_end - counts;             // next free entry of each cell
       temporal_msda_backward_kernel<scalar_t, D><<<grid, kThreads, 0, stream>>>(
           value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
           loc_c.data_ptr<scalar_t>(), attn_c.data_ptr<scalar_t>(), lt,
@@ -795,13 +855,15 @@ void backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tenso
           glt, sh.W ? grad_attn_t.data_ptr<scalar_t>() : nullptr, sh);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // one lane group of D/4 lanes per kBinChunk entries (warps past the filled entries return at once)
-      const int64_t threads = (samples + kBinChunk - 1) / kBinChunk * (D / 4);
+      const int64_t threads = (samples + kBinChunk - 1) / kBinChunk * (D / bin_channels<scalar_t>());
       value_grad_kernel<scalar_t, D><<<static_cast<unsigned>((threads + kThreads - 1) / kThreads), kThreads, 0,
                                        stream>>>(
           shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-          reinterpret_cast<const float4*>(entries.data_ptr<float>()), cell_end.data_ptr<int>(), grad_out.data_ptr<scalar_t>(), grad_value.data_ptr<float>(), sh);
+          reinterpret_cast<const float4*>(entries.data_ptr<float>()), cell_end.data_ptr<int>(),
+          grad_out.data_ptr<scalar_t>(), grad_value.data_ptr<float>(), sh);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return {grad_value.to(value.scalar_type()), grad_loc_c, grad_attn_c, grad_loc_t, grad_attn_t};
 }
 
 }  // namespace
@@ -816,8 +878,22 @@ void backward(const at::Tensor& value, const at::Tensor& shapes, const at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "DeVIS temporal multi-scale deformable attention (fused CUDA kernel)";
   m.attr("source_hash") = DEVIS_STR(DEVIS_SOURCE_HASH);
-  m.def("forward", &forward, "fused forward; writes out (T, Q, M*D)");
+  // binding generation: 3 = the forward counts the value-gradient cells for the backward, and both
+  // allocate their outputs
+  m.attr("api") = 3;
+  m.def("num_cells", &num_cells, "value-gradient cells of a clip (size of the count buffer)",
+        py::arg("T"), py::arg("S"), py::arg("M"), py::arg("L"));
+  m.def("forward", &forward,
+        "fused forward; returns (out (T, Q, M*D), counts): with count_cells, counts (int32, num_cells) "
+        "holds the samples per value-gradient cell for the backward, else it is empty; poison fills "
+        "out before the kernel runs (tests)",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("loc_current"),
+        py::arg("attn_current"), py::arg("loc_temporal"), py::arg("attn_temporal"), py::arg("temporal_frames"),
+        py::arg("count_cells"), py::arg("poison") = py::none());
   m.def("backward", &backward,
-        "fused backward; accumulates into grad_value (float32, zeroed by the caller) and writes the "
-        "location / weight gradients");
+        "fused backward given grad_output and the forward's counts; returns the gradients of value, "
+        "loc_current, attn_current, loc_temporal, attn_temporal (poison fills the last four first)",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("loc_current"),
+        py::arg("attn_current"), py::arg("loc_temporal"), py::arg("attn_temporal"), py::arg("temporal_frames"),
+        py::arg("grad_output"), py::arg("counts"), py::arg("poison") = py::none());
 }
