@@ -8,7 +8,7 @@ N_q=30 (float32), and checks that every variant computes what the first one comp
     python ops/tune_launch.py --variants base,chunk32 --baseline old_temporal_msda.cu --out tune.json
 
 A variant is a name from VARIANTS; --baseline adds the variant "baseline", built from another copy of
-the source (an earlier kernel with the same bindings, e.g. from `git show REV:ops/src/temporal_msda.cu`),
+the source (an earlier kernel with binding api 1 or 3, e.g. from `git show REV:ops/src/temporal_msda.cu`),
 so a change is timed against its predecessor in one run.
 """
 from __future__ import annotations
@@ -102,7 +102,8 @@ def measure(ext, inp: dict) -> dict:
     go = torch.randn(out.shape, device=v.device, generator=torch.Generator(v.device).manual_seed(1)).to(v.dtype)
     gv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     glc, gac, glt, gat = (torch.empty_like(x) for x in (lc, ac, lt, at))
-    if getattr(ext, "api", 1) >= 3:
+    api3 = getattr(ext, "api", 1) >= 3
+    if api3:
         res = {}
         fwd = _time(lambda: ext.forward(*args, False), reps=30, warmup=3)
 
@@ -113,23 +114,18 @@ def measure(ext, inp: dict) -> dict:
 
         def bwd():
             res["grads"] = ext.backward(*args, go, res["counts"])
-
-        def keep():
-            out.copy_(res["out"])
-            for dst, src in zip((gv, glc, gac, glt, gat), res["grads"]):
-                dst.copy_(src)
     else:
         fwd = fwd_count_ms = _time(lambda: ext.forward(*args, out), reps=30, warmup=3)
 
         def bwd():
             gv.zero_()
             ext.backward(*args, go, gv, glc, gac, glt, gat)
-
-        def keep():
-            pass
     bwd_ms = _time(bwd, reps=30, warmup=3)
     bwd()
-    keep()
+    if api3:                                 # api 1 wrote into these buffers in place
+        out.copy_(res["out"])
+        for dst, src in zip((gv, glc, gac, glt, gat), res["grads"]):
+            dst.copy_(src)
     torch.cuda.synchronize()
     return dict(fwd=fwd, fwd_count=fwd_count_ms, bwd=bwd_ms,
                 outs=[out.float(), gv, glc.float(), gac.float(), glt.float(), gat.float()])
